@@ -1,0 +1,1 @@
+"""dispatcher: send SMS through many providers reliably and fast."""

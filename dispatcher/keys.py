@@ -1,0 +1,32 @@
+"""Every Redis key and queue name the dispatcher uses, in one place.
+
+All keys share a prefix (DISPATCHER_REDIS_PREFIX, default "dispatcher") so that tests
+and several deployments can share one Redis server. Per-account keys carry a hash tag
+`{account}` so that the keys one Lua script touches live in one cluster slot.
+"""
+
+from __future__ import annotations
+
+import os
+
+QUEUE_SEND = "dispatcher.send"
+QUEUE_BEAT = "dispatcher.beat"
+
+
+def prefix() -> str:
+    return os.environ.get("DISPATCHER_REDIS_PREFIX", "dispatcher")
+
+
+def rate_bucket(account: str) -> str:
+    """GCRA theoretical-arrival-time for one provider account."""
+    return f"{prefix()}:rl:{{{account}}}:tat"
+
+
+def rate_pause(account: str) -> str:
+    """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
+    return f"{prefix()}:rl:{{{account}}}:pause"
+
+
+def token_cache(account: str) -> str:
+    """Cached provider auth token (emnify); never logged."""
+    return f"{prefix()}:token:{{{account}}}"

@@ -1,0 +1,320 @@
+"""The seam every provider kind plugs into.
+
+An adapter is mostly declarations plus four pure pieces:
+
+* `validate(to, text, options)`   refuse bad input before anything is stored;
+* `auth()`                        an `httpx.Auth` that signs the exact bytes sent;
+* `build_request(msg)`            an `httpx.Request` built from an `OutboundMessage`;
+* `parse_response(response, msg)` one typed `Outcome`: Accepted | RetryLater | Rejected;
+* `read_rate(response)`           what the provider said about its rate limit, if anything.
+
+`send()` glues them together over an `httpx.AsyncClient` and maps network errors once,
+here at the edge. Nothing about queues, retries or storage lives in an adapter.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import httpx
+
+from ..config import ProviderAccount
+from ..errors import ConfigError, InvalidOption, MissingField, TextTooLong, ValidationError
+from ..segments import count_segments
+
+
+# --------------------------------------------------------------------------- outcomes
+@dataclass(frozen=True)
+class Accepted:
+    """The provider took the message. `provider_ref` identifies it there (None if the kind has none)."""
+
+    provider_ref: str | None = None
+    segments: int | None = None
+    cost: float | None = None
+    cost_currency: str | None = None
+    provider_status: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """A transient failure: try again, not before `retry_at` (epoch seconds) when the provider said so.
+
+    `ambiguous` is True when the request may have reached the provider (a timeout after the
+    body was sent): a retry must then reuse the attempt's idempotency key where the kind has one.
+    """
+
+    code: str
+    message: str = ""
+    retry_at: float | None = None
+    ambiguous: bool = False
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Refused for good; `code` and `message` are the provider's own words where it gave them."""
+
+    code: str
+    message: str = ""
+
+
+Outcome = Accepted | RetryLater | Rejected
+
+
+@dataclass(frozen=True)
+class RateSignal:
+    """What a response said about the account's limit. Times are epoch seconds."""
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: float | None = None
+    retry_at: float | None = None  # from a 429 / Retry-After: nothing may go before this
+
+    @property
+    def pause_until(self) -> float | None:
+        """When the account may send again, if the provider asked for a pause."""
+        if self.retry_at is not None:
+            return self.retry_at
+        if self.remaining is not None and self.remaining <= 0 and self.reset_at is not None:
+            return self.reset_at
+        return None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One attempt as it is recorded: the outcome plus what the wire showed."""
+
+    outcome: Outcome
+    http_status: int | None = None
+    latency_ms: float = 0.0
+    rate: RateSignal | None = None
+    requests: int = 1
+
+
+@dataclass(frozen=True)
+class DeliveryEvent:
+    """One delivery event read from a provider (status endpoint or webhook)."""
+
+    event_id: str  # the provider's event id, or a stable synthesized one
+    status: str  # normalized: accepted | delivered | failed | expired | cancelled | pending
+    provider_status: str  # the provider's own word
+    occurred_at: datetime | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """What an adapter is given to send: no database rows, no secrets of the store."""
+
+    id: str
+    to: str
+    text: str | None
+    options: dict[str, Any] = field(default_factory=dict)  # account defaults merged under message options
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    attempt_key: str = ""  # idempotency / request id of this attempt; reused after an ambiguous failure
+    provider_ref: str | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+def utc_iso(dt: datetime, *, millis: bool = False) -> str:
+    """`2026-06-01T07:00:00Z` (or with .mmm) from an aware datetime."""
+    dt = dt.astimezone(timezone.utc)
+    if millis:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any, now: float | None = None) -> float | None:
+    """A reset / retry time as epoch seconds.
+
+    Accepts a delta in seconds (small numbers), a Unix timestamp in seconds or milliseconds,
+    an ISO 8601 string, or an HTTP date. Returns None when it cannot be read.
+    """
+    now = time.time() if now is None else now
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None:
+        if number >= 1e12:
+            return number / 1000.0
+        if number >= 1e9:
+            return number
+        return now + max(number, 0.0)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return dt.timestamp()
+    except ValueError:
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def read_standard_rate_headers(response: httpx.Response, now: float | None = None) -> RateSignal | None:
+    """X-RateLimit-Limit/Remaining/Reset and Retry-After, as most providers send them."""
+    h = response.headers
+    limit, remaining = h.get("x-ratelimit-limit"), h.get("x-ratelimit-remaining")
+    reset, retry_after = h.get("x-ratelimit-reset"), h.get("retry-after")
+    if limit is None and remaining is None and reset is None and retry_after is None and response.status_code != 429:
+        return None
+    retry_at = parse_time(retry_after, now)
+    reset_at = parse_time(reset, now)
+    if response.status_code == 429 and retry_at is None:
+        retry_at = reset_at if reset_at is not None else (time.time() if now is None else now) + 1.0
+    return RateSignal(
+        limit=_int_or_none(limit), remaining=_int_or_none(remaining), reset_at=reset_at, retry_at=retry_at
+    )
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def http_outcome(status: int, code: str, message: str, retry_at: float | None = None) -> Outcome:
+    """The usual reading of an HTTP error status: 408/425/429/5xx retry, other 4xx reject."""
+    if status in (408, 425, 429) or status >= 500:
+        return RetryLater(code=code or f"http_{status}", message=message, retry_at=retry_at)
+    return Rejected(code=code or f"http_{status}", message=message)
+
+
+def json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- the adapter
+class Adapter:
+    """Base of every provider kind. Subclasses declare, validate, build and parse."""
+
+    kind: ClassVar[str]
+    credentials: ClassVar[tuple[str, ...]] = ()  # required secret fields of the account
+    optional_credentials: ClassVar[dict[str, Any]] = {}  # optional account fields with defaults
+    defaults: ClassVar[tuple[str, ...]] = ()  # account-level defaults a message may override
+    options: ClassVar[tuple[str, ...]] = ()  # message options this kind accepts
+    required_options: ClassVar[tuple[str, ...]] = ()  # options (or defaults) a message must end up with
+    max_length: ClassVar[int | None] = None  # characters of text
+    text_required: ClassVar[bool] = True
+    default_rate_limit: ClassVar[str | None] = None
+    has_status: ClassVar[bool] = False  # a delivery status endpoint exists
+    idempotent_retry: ClassVar[bool] = False  # a reused attempt_key makes a resend harmless
+
+    def __init__(self, account: ProviderAccount) -> None:
+        self.account = account
+
+    @classmethod
+    def secret_fields(cls) -> tuple[str, ...]:
+        return cls.credentials
+
+    # ---- validation (before anything is stored)
+    def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
+        """Raise a ValidationError naming the field; subclasses extend with address rules."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            name = sorted(unknown)[0]
+            allowed = ", ".join(sorted(self.options)) or "none"
+            raise InvalidOption(name, f"not an option of kind {self.kind!r} (allowed: {allowed})")
+        merged = self.merged_options(options)
+        for name in self.required_options:
+            if merged.get(name) in (None, ""):
+                raise MissingField(name, f"required for kind {self.kind!r}: pass it or set it on the account")
+        if text is None or text == "":
+            if self.text_required:
+                raise MissingField("text", "must be a non-empty string")
+        elif not isinstance(text, str):
+            raise ValidationError("text", "must be a string")
+        elif self.max_length is not None and len(text) > self.max_length:
+            raise TextTooLong("text", f"at most {self.max_length} characters for kind {self.kind!r}, got {len(text)}")
+
+    def merged_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Account defaults with the message's own options on top."""
+        merged = {k: self.account.get(k) for k in self.defaults if self.account.get(k) not in (None, "")}
+        merged.update({k: v for k, v in options.items() if v is not None})
+        return merged
+
+    def count_segments(self, text: str | None) -> int:
+        return count_segments(text or "").count if text else 0
+
+    # ---- the wire
+    def auth(self) -> httpx.Auth | None:
+        return None
+
+    def url(self, path: str) -> str:
+        return self.account.base_url + path
+
+    def build_request(self, msg: OutboundMessage) -> httpx.Request:
+        raise NotImplementedError
+
+    def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
+        raise NotImplementedError
+
+    def read_rate(self, response: httpx.Response) -> RateSignal | None:
+        return read_standard_rate_headers(response)
+
+    async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
+        """Build, sign, post and judge one message. Network errors become RetryLater here."""
+        request = self.build_request(msg)
+        started = time.perf_counter()
+        try:
+            response = await client.send(request, auth=self.auth() or httpx.USE_CLIENT_DEFAULT)
+            await response.aread()
+        except httpx.HTTPError as exc:
+            return SendResult(network_outcome(exc), None, (time.perf_counter() - started) * 1000.0)
+        latency = (time.perf_counter() - started) * 1000.0
+        return SendResult(self.parse_response(response, msg), response.status_code, latency, self.read_rate(response))
+
+    # ---- delivery status (kinds with `has_status`)
+    def build_status_request(self, msg: OutboundMessage) -> httpx.Request:
+        raise NotImplementedError(f"{self.kind} has no delivery status endpoint")
+
+    def parse_status(self, response: httpx.Response, msg: OutboundMessage) -> list[DeliveryEvent]:
+        raise NotImplementedError(f"{self.kind} has no delivery status endpoint")
+
+    # ---- cancel of a message the provider holds (kinds that can)
+    async def cancel(self, client: httpx.AsyncClient, msg: OutboundMessage) -> bool:
+        """Recall a message the provider holds. False when the kind cannot."""
+        return False
+
+
+def network_outcome(exc: httpx.HTTPError) -> RetryLater:
+    """Map an httpx transport error to a retry; mark the ones where the request may have arrived."""
+    if isinstance(exc, httpx.ConnectError) or isinstance(exc, httpx.ConnectTimeout) and not _may_have_sent(exc):
+        return RetryLater(code="connect_error", message=_brief(exc))
+    if isinstance(exc, httpx.TimeoutException):
+        return RetryLater(code="timeout", message=_brief(exc), ambiguous=True)
+    return RetryLater(code="network_error", message=_brief(exc), ambiguous=True)
+
+
+def _may_have_sent(exc: BaseException) -> bool:
+    # httpx-aiohttp maps a dropped connection (ServerDisconnected) to ConnectTimeout: that one is ambiguous.
+    cause = exc.__cause__
+    return cause is not None and "Disconnected" in type(cause).__name__
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def require_config(condition: bool, key: str, problem: str) -> None:
+    """Raise a ConfigError carrying the account key it concerns."""
+    if not condition:
+        err = ConfigError(problem)
+        err.key = key  # type: ignore[attr-defined]
+        raise err

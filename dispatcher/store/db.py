@@ -1,0 +1,145 @@
+"""Engines and schema: one engine per database URL and process, Alembic to bring it up to date.
+
+SQLite is made safe for several worker processes writing at once: WAL journal, a generous
+busy timeout, and every transaction opened with BEGIN IMMEDIATE so that two writers queue
+on the lock instead of deadlocking on an upgrade from read to write.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, create_engine
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_engines: dict[tuple[str, int], Engine] = {}
+_upgraded: set[tuple[str, int]] = set()
+_lock = threading.Lock()
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` means psycopg 3, which is what we install."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return normalize_url(url).startswith("sqlite")
+
+
+def get_engine(url: str) -> Engine:
+    """The process's engine for `url` (a forked worker gets its own, never its parent's)."""
+    url = normalize_url(url)
+    key = (url, os.getpid())
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _make_engine(url)
+            _engines[key] = engine
+    return engine
+
+
+def _make_engine(url: str) -> Engine:
+    if is_sqlite(url):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=20)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = Session(get_engine(url), expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(url: str):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["url"] = normalize_url(url)
+    return cfg
+
+
+def upgrade(url: str) -> None:
+    """Apply every migration not yet applied (`dispatcher db upgrade`)."""
+    from alembic import command
+
+    url = normalize_url(url)
+    with _file_lock(url):
+        command.upgrade(alembic_config(url), "head")
+    _upgraded.add((url, os.getpid()))
+
+
+def ensure_schema(url: str) -> None:
+    """Bring the embedded SQLite database up to date on first use; check others are migrated."""
+    url = normalize_url(url)
+    if (url, os.getpid()) in _upgraded:
+        return
+    if is_sqlite(url):
+        upgrade(url)
+        return
+    if not inspect(get_engine(url)).has_table("alembic_version"):
+        from ..errors import ConfigError
+
+        raise ConfigError("the database has no dispatcher schema yet: run `dispatcher db upgrade`")
+    _upgraded.add((url, os.getpid()))
+
+
+@contextmanager
+def _file_lock(url: str) -> Iterator[None]:
+    """Serialize migrations of one SQLite file across processes (a worker pool starting at once)."""
+    if not is_sqlite(url):
+        yield
+        return
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        yield
+        return
+    lock_path = Path(database).with_suffix(Path(database).suffix + ".migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def dispose_all() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _upgraded.clear()

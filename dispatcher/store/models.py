@@ -1,0 +1,122 @@
+"""SQLModel tables: messages, their send attempts, and delivery events.
+
+Times are stored as UTC and always come back timezone-aware (see UTCDateTime).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# Statuses (interface.md). FINAL ones never change back.
+SCHEDULED, QUEUED, SENDING, ACCEPTED = "scheduled", "queued", "sending", "accepted"
+DELIVERED, FAILED, REJECTED, EXPIRED, CANCELLED, UNKNOWN = (
+    "delivered", "failed", "rejected", "expired", "cancelled", "unknown",
+)
+FINAL = frozenset({DELIVERED, FAILED, REJECTED, EXPIRED, CANCELLED, UNKNOWN})
+WAITING = frozenset({SCHEDULED, QUEUED})
+
+
+def _dt(**kw: Any) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), **kw))
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_status_due", "status", "due_at"),
+        UniqueConstraint("idempotency_key", name="uq_messages_idempotency_key"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    provider: str = Field(max_length=100, index=True)  # the account name
+    kind: str = Field(max_length=32)
+    to: str = Field(max_length=64)
+    text: Optional[str] = Field(default=None, sa_column=Column(Text))
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(default=QUEUED, max_length=16)
+    segments: int = 0
+    idempotency_key: Optional[str] = Field(default=None, sa_column=Column(String(200), nullable=True))
+    not_before: Optional[datetime] = _dt()
+    not_after: Optional[datetime] = _dt()
+    due_at: Optional[datetime] = _dt()  # when the message may next go (release / retry time)
+    attempts: int = 0  # send attempts made so far
+    attempt_key: Optional[str] = Field(default=None, max_length=64)  # request id of the current attempt
+    provider_ref: Optional[str] = Field(default=None, max_length=200)
+    provider_status: Optional[str] = Field(default=None, max_length=64)
+    cost: Optional[float] = None
+    cost_currency: Optional[str] = Field(default=None, max_length=8)
+    error_code: Optional[str] = Field(default=None, max_length=100)
+    error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    claimed_at: Optional[datetime] = _dt()
+    accepted_at: Optional[datetime] = _dt()
+    finished_at: Optional[datetime] = _dt()
+
+
+class Attempt(SQLModel, table=True):
+    """One HTTP send attempt: never a credential, only what the wire showed."""
+
+    __tablename__ = "attempts"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    message_id: str = Field(foreign_key="messages.id", index=True, max_length=32)
+    number: int
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    http_status: Optional[int] = None
+    outcome: str = Field(max_length=16)  # accepted | retry | rejected | unknown
+    provider_code: Optional[str] = Field(default=None, max_length=100)
+    detail: Optional[str] = Field(default=None, sa_column=Column(Text))
+    latency_ms: float = 0.0
+
+
+class Event(SQLModel, table=True):
+    """A delivery event, stored once per (message, provider event id)."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("message_id", "event_id", name="uq_events_message_event"),)
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    message_id: str = Field(foreign_key="messages.id", index=True, max_length=32)
+    event_id: str = Field(max_length=200)
+    status: str = Field(max_length=16)
+    provider_status: str = Field(max_length=64)
+    occurred_at: Optional[datetime] = _dt()
+    recorded_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
