@@ -1,1 +1,45 @@
-"""dispatcher: send SMS through many providers reliably and fast."""
+"""dispatcher: send SMS through many providers reliably and fast.
+
+    import dispatcher
+    msg = dispatcher.send("alerts", "+14155550123", "Your code is 482910")
+    dispatcher.get(msg.id).status
+"""
+
+from .api import Attempt, Event, Message, cancel, get, send, send_many
+from .errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DispatcherError,
+    InvalidAddress,
+    InvalidOption,
+    InvalidTime,
+    MissingField,
+    NotFound,
+    TextTooLong,
+    TooLate,
+    UnknownProvider,
+    ValidationError,
+)
+
+__all__ = [
+    "Attempt",
+    "BrokerUnavailable",
+    "ConfigError",
+    "DispatcherError",
+    "Event",
+    "InvalidAddress",
+    "InvalidOption",
+    "InvalidTime",
+    "Message",
+    "MissingField",
+    "NotFound",
+    "TextTooLong",
+    "TooLate",
+    "UnknownProvider",
+    "ValidationError",
+    "cancel",
+    "get",
+    "send",
+    "send_many",
+]
+__version__ = "0.1.0"

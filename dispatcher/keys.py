@@ -22,6 +22,11 @@ def rate_bucket(account: str) -> str:
     return f"{prefix()}:rl:{{{account}}}:tat"
 
 
+def rate_log(account: str) -> str:
+    """Sorted set of the send instants (µs since epoch) reserved for one account: the sliding log."""
+    return f"{prefix()}:rl:{{{account}}}:log"
+
+
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"

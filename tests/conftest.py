@@ -78,3 +78,85 @@ def pg_url() -> str:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
     admin.dispose()
+
+
+# --------------------------------------------------------------------------- the pipeline
+# The Celery app reads the broker URL and key prefix once, at import: pin them for the session.
+os.environ.setdefault("DISPATCHER_REDIS_URL", REDIS_URL)
+os.environ["DISPATCHER_REDIS_PREFIX"] = SESSION_TAG
+
+
+def write_config(path, sandbox, extra: str = "", **general) -> str:
+    """A dispatcher.toml with one account per kind, all pointing at the sandbox."""
+    lines = ["[dispatcher]"]
+    defaults = {"retry_base": 0.05, "retry_cap": 0.5, "max_attempts": 4}
+    defaults.update(general)
+    for key, value in defaults.items():
+        lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+    em = sandbox.credentials("emsgnow")
+    lines += [
+        "",
+        "[providers.alerts]",
+        'kind = "emsgnow"',
+        f'base_url = "{sandbox.base_url("emsgnow")}"',
+        f'api_key = "{em["api_key"]}"',
+        'from = "ACME"',
+        "",
+        "[providers.badkey]",
+        'kind = "emsgnow"',
+        f'base_url = "{sandbox.base_url("emsgnow")}"',
+        'api_key = "wrong-key"',
+        'from = "ACME"',
+    ]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return str(path)
+
+
+@pytest.fixture()
+def dispatcher_env(tmp_path, sandbox, redis_url, monkeypatch):
+    """A fresh SQLite store and config for one test; the runtime reloads from them."""
+    from dispatcher import runtime
+
+    sandbox.reset()
+    monkeypatch.setenv("DISPATCHER_CONFIG", write_config(tmp_path / "dispatcher.toml", sandbox))
+    monkeypatch.setenv("DISPATCHER_DATABASE_URL", f"sqlite:///{tmp_path / 'dispatcher.db'}")
+    runtime.configure(None)
+    yield tmp_path
+    runtime.configure(None)
+    sandbox.reset()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_thread(redis_url):
+    """A real Celery worker (threads pool) consuming the session's queues on the real Redis."""
+    from celery.contrib.testing.worker import start_worker
+
+    from dispatcher import keys
+    from dispatcher.worker import app
+
+    app.conf.worker_concurrency = 8
+    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False,
+                      queues=[keys.QUEUE_SEND, keys.QUEUE_BEAT], shutdown_timeout=10, loglevel="WARNING"):
+        yield app
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll until predicate() is truthy (returning it) or fail after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_http_loop():
+    yield
+    from dispatcher.transport import close_process_loop
+
+    close_process_loop()

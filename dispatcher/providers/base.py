@@ -15,10 +15,13 @@ here at the edge. Nothing about queues, retries or storage lives in an adapter.
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import hmac
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Generator
 
 import httpx
 
@@ -199,6 +202,11 @@ def json_or_none(response: httpx.Response) -> Any:
         return None
 
 
+def utf16_length(text: str) -> int:
+    """Length as JavaScript and Java count it (UTF-16 code units): an emoji counts 2."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 # --------------------------------------------------------------------------- the adapter
 class Adapter:
     """Base of every provider kind. Subclasses declare, validate, build and parse."""
@@ -318,3 +326,44 @@ def require_config(condition: bool, key: str, problem: str) -> None:
         err = ConfigError(problem)
         err.key = key  # type: ignore[attr-defined]
         raise err
+
+
+# --------------------------------------------------------------------------- RT- request signing
+# esimfly and eSIM Access share one scheme (esimfly in uppercase hex, eSIM Access's HMAC mode in hex).
+ICCID_PATTERN = r"^89\d{16,20}$"  # ITU-T E.118: 18-22 digits starting with the telecom prefix 89
+
+
+class RtHmacAuth(httpx.Auth):
+    """Signs with RT-AccessCode, RT-RequestID, RT-Timestamp (ms) and RT-Signature.
+
+    RT-Signature = hex HMAC-SHA256(secret, timestamp + requestId + accessCode + body), the body
+    being the exact bytes sent. The request id is the one the builder put in `RT-RequestID`
+    (the attempt key); a fresh UUID v4 only when there is none. `clock` gives epoch seconds.
+    """
+
+    requires_request_body = True
+
+    def __init__(
+        self, access_code: str, secret_key: str, *, uppercase: bool, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._access_code = access_code
+        self._secret_key = secret_key
+        self._uppercase = uppercase
+        self._clock = clock
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request_id = request.headers.get("RT-RequestID") or str(uuid.uuid4())
+        timestamp = str(int(self._clock() * 1000))
+        request.headers["RT-AccessCode"] = self._access_code
+        request.headers["RT-RequestID"] = request_id
+        request.headers["RT-Timestamp"] = timestamp
+        request.headers["RT-Signature"] = self.signature(timestamp, request_id, request.content)
+        yield request
+
+    def signature(self, timestamp: str, request_id: str, body: bytes) -> str:
+        signed = (timestamp + request_id + self._access_code).encode() + body
+        digest = hmac.new(self._secret_key.encode(), signed, hashlib.sha256).hexdigest()
+        return digest.upper() if self._uppercase else digest
+
+    def __repr__(self) -> str:
+        return "RtHmacAuth(access_code=***, secret_key=***)"

@@ -1,0 +1,307 @@
+"""The Python API: validate -> store (committed) -> enqueue, and reads of what happened.
+
+    send(provider, to, text=None, *, not_before=None, not_after=None, idempotency_key=None, **options)
+    send_many(messages)           bulk insert + batched enqueue
+    get(message_id)               the message with its delivery events and attempts
+    cancel(message_id)            a message not yet handed to the provider never goes out
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Mapping
+
+from . import runtime
+from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
+from .store import queries
+from .store.db import ensure_schema, session_scope
+from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
+from .store.models import new_id, utcnow
+
+log = logging.getLogger("dispatcher.api")
+_OPTION_ALIASES = {"from_": "from", "sender": "from"}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A delivery event, as the provider reported it."""
+
+    event_id: str
+    status: str
+    provider_status: str
+    occurred_at: datetime | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    started_at: datetime
+    outcome: str
+    http_status: int | None
+    provider_code: str | None
+    detail: str | None
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class Message:
+    """A snapshot of one message: where it is and how it got there."""
+
+    id: str
+    provider: str
+    kind: str
+    to: str
+    text: str | None
+    status: str
+    segments: int
+    options: dict[str, Any]
+    provider_ref: str | None
+    provider_status: str | None
+    error_code: str | None
+    error: str | None
+    not_before: datetime | None
+    not_after: datetime | None
+    idempotency_key: str | None
+    attempts: int
+    cost: float | None
+    cost_currency: str | None
+    created_at: datetime
+    updated_at: datetime
+    accepted_at: datetime | None
+    finished_at: datetime | None
+    events: tuple[Event, ...] = ()
+    attempt_log: tuple[Attempt, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL
+
+
+def send(
+    provider: str,
+    to: str,
+    text: str | None = None,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None,
+    **options: Any,
+) -> Message:
+    """Persist one message and enqueue it; returns at once.
+
+    Raises a ValidationError subclass naming the field, before anything is stored.
+    `scheduled_at` is an alias of `not_before`. With an `idempotency_key` already used,
+    returns the first message and sends nothing new.
+    """
+    row = build_row(provider, to, text, not_before=not_before, not_after=not_after,
+                    idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options)
+    s = runtime.settings()
+    ensure_schema(s.database_url)
+    with session_scope(s.database_url) as db:
+        stored = queries.add_message(db, row)
+    if stored.id != row.id:
+        return _snapshot(stored)  # the same idempotency key: the first one, nothing new
+    if stored.status == QUEUED:
+        _enqueue_or_leave([stored.id])
+    return _snapshot(stored)
+
+
+def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Validate every message, insert them in bulk and enqueue them in batches; returns their ids.
+
+    Each item is a mapping with the arguments of send(): provider, to, text, not_before,
+    not_after, idempotency_key, and options (a mapping) or extra keys as options. If any
+    item is invalid, nothing is stored and the ValidationError says which item.
+    """
+    s = runtime.settings()
+    rows: list[dict[str, Any]] = []
+    for index, item in enumerate(messages):
+        item = dict(item)
+        opts = dict(item.pop("options", None) or {})
+        args = {k: item.pop(k, None) for k in ("not_before", "not_after", "idempotency_key", "scheduled_at")}
+        try:
+            provider, to = item.pop("provider"), item.pop("to")
+        except KeyError as exc:
+            raise ValidationError(f"messages[{index}].{exc.args[0]}", "is required") from None
+        text = item.pop("text", None)
+        opts.update(item)
+        try:
+            row = build_row(provider, to, text, options=opts, **args)
+        except ValidationError as exc:
+            raise type(exc)(f"messages[{index}].{exc.field}", exc.rule) from None
+        rows.append(_row_dict(row))
+    if not rows:
+        return []
+    ensure_schema(s.database_url)
+    with session_scope(s.database_url) as db:
+        if any(r["idempotency_key"] for r in rows):
+            rows = _drop_known_keys(db, rows)
+        queries.add_messages(db, rows)
+    _enqueue_or_leave([r["id"] for r in rows if r["status"] == QUEUED], s.batch_size)
+    return [r["id"] for r in rows]
+
+
+def get(message_id: str) -> Message:
+    s = runtime.settings()
+    ensure_schema(s.database_url)
+    with session_scope(s.database_url) as db:
+        row = queries.get_message(db, message_id)
+        if row is None:
+            raise NotFound(f"no message with id {message_id!r}")
+        events = queries.get_events(db, message_id)
+        attempts = queries.get_attempts(db, message_id)
+        return _snapshot(row, events, attempts)
+
+
+def cancel(message_id: str) -> Message:
+    """Cancel a message not yet handed to the provider (or one the provider can still recall).
+
+    Raises TooLate when it is already with the provider (or being sent) and cannot be recalled.
+    """
+    s = runtime.settings()
+    ensure_schema(s.database_url)
+    now = utcnow()
+    with session_scope(s.database_url) as db:
+        row = queries.get_message(db, message_id)
+        if row is None:
+            raise NotFound(f"no message with id {message_id!r}")
+        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED], {
+            "status": CANCELLED, "finished_at": now, "updated_at": now,
+            "error_code": "cancelled", "error": "cancelled before it was sent"})
+    if moved or row.status == CANCELLED:
+        return get(message_id)
+    if row.status == ACCEPTED and _recall(row):
+        with session_scope(s.database_url) as db:
+            queries.set_status(db, message_id, [ACCEPTED], {
+                "status": CANCELLED, "finished_at": now, "updated_at": now,
+                "error_code": "cancelled", "error": "recalled from the provider before delivery"})
+        return get(message_id)
+    if row.status == SENDING:
+        raise TooLate(f"message {message_id} is being handed to the provider right now; it cannot be cancelled")
+    raise TooLate(f"message {message_id} is already {row.status}; it can no longer be cancelled")
+
+
+def _recall(row: Row) -> bool:
+    """Ask the provider to drop a message it still holds (emnify buffered SMS)."""
+    from . import transport
+    from .dispatch import outbound
+
+    adapter = runtime.adapter_for(row.provider)
+    msg = outbound(row)
+    return bool(transport.run(lambda: adapter.cancel(transport.process_loop().client(), msg)))
+
+
+# --------------------------------------------------------------------------- building rows
+def build_row(
+    provider: str,
+    to: str,
+    text: str | None,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Row:
+    """Validate one send and build its row (not yet stored)."""
+    if not isinstance(provider, str) or not provider:
+        raise ValidationError("provider", "must be the name of a configured provider account")
+    adapter = runtime.adapter_for(provider) if provider in runtime.settings().providers else None
+    if adapter is None:
+        runtime.settings().account(provider)  # raises UnknownProvider naming the accounts
+        raise AssertionError("unreachable")
+    opts = {_OPTION_ALIASES.get(k, k): v for k, v in (options or {}).items()}
+    if scheduled_at is not None:
+        if not_before is not None:
+            raise InvalidTime("scheduled_at", "is an alias of not_before: give one of them")
+        not_before = scheduled_at
+    now = utcnow()
+    not_before = _aware("not_before", not_before)
+    not_after = _aware("not_after", not_after)
+    if not_before is not None and not_after is not None and not_after <= not_before:
+        raise InvalidTime("not_after", "must be later than not_before")
+    if not_after is not None and not_after <= now:
+        raise InvalidTime("not_after", "is already in the past")
+    if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 200):
+        raise ValidationError("idempotency_key", "must be a string of 1 to 200 characters")
+    if not isinstance(to, str) or not to.strip():
+        raise ValidationError("to", "is required")
+    adapter.validate(to, text, opts)
+    held = not_before is not None and not_before > now + timedelta(seconds=1)
+    return Row(
+        id=new_id(),
+        provider=provider,
+        kind=adapter.kind,
+        to=to,
+        text=text,
+        options=adapter.merged_options(opts),
+        status=SCHEDULED if held else QUEUED,
+        segments=adapter.count_segments(text),
+        idempotency_key=idempotency_key,
+        not_before=not_before,
+        not_after=not_after,
+        due_at=not_before if held else now,
+        attempt_key=str(uuid.uuid4()),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _aware(name: str, value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidTime(name, "must be a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidTime(name, "must be timezone-aware (e.g. datetime(..., tzinfo=timezone.utc))")
+    return value
+
+
+def _row_dict(row: Row) -> dict[str, Any]:
+    return {c: getattr(row, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
+
+
+def _drop_known_keys(db: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Leave out rows whose idempotency key is already stored (or repeated in the batch)."""
+    keys = [r["idempotency_key"] for r in rows if r["idempotency_key"]]
+    from sqlalchemy import select
+
+    known = {k for (k,) in db.execute(select(Row.idempotency_key).where(Row.idempotency_key.in_(keys)))}  # type: ignore[union-attr]
+    kept, seen = [], set()
+    for r in rows:
+        k = r["idempotency_key"]
+        if k and (k in known or k in seen):
+            continue
+        if k:
+            seen.add(k)
+        kept.append(r)
+    return kept
+
+
+def _enqueue_or_leave(ids: list[str], batch_size: int = 100) -> None:
+    """Enqueue; if the broker is down the rows stay queued and the beat's sweep sends them later."""
+    from .queue import enqueue
+
+    try:
+        enqueue(ids, 0.0, batch_size)
+    except BrokerUnavailable as exc:
+        log.warning("stored %d message(s) but could not enqueue them (%s); the beat will pick them up", len(ids), exc)
+
+
+def _snapshot(row: Row, events: Iterable[Any] = (), attempts: Iterable[Any] = ()) -> Message:
+    return Message(
+        id=row.id, provider=row.provider, kind=row.kind, to=row.to, text=row.text, status=row.status,
+        segments=row.segments, options=dict(row.options or {}), provider_ref=row.provider_ref,
+        provider_status=row.provider_status, error_code=row.error_code, error=row.error,
+        not_before=row.not_before, not_after=row.not_after, idempotency_key=row.idempotency_key,
+        attempts=row.attempts, cost=row.cost, cost_currency=row.cost_currency, created_at=row.created_at,
+        updated_at=row.updated_at, accepted_at=row.accepted_at, finished_at=row.finished_at,
+        events=tuple(Event(e.event_id, e.status, e.provider_status, e.occurred_at, dict(e.detail or {})) for e in events),
+        attempt_log=tuple(Attempt(a.number, a.started_at, a.outcome, a.http_status, a.provider_code, a.detail,
+                                  a.latency_ms) for a in attempts),
+    )

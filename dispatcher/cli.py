@@ -1,0 +1,232 @@
+"""The `dispatcher` command: send, status, cancel, worker, beat, check-config, sandbox, demo, db.
+
+Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any, Sequence
+
+from .errors import ConfigError, DispatcherError, NotFound, ValidationError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    """A command-line argument is wrong."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise BadInput(f"{self.prog}: {message}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    # worker/beat pass every further argument to celery untouched
+    if argv and argv[0] in ("worker", "beat"):
+        return _run_celery(argv[0], argv[1:])
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return int(args.handler(args) or EXIT_OK)
+    except (BadInput, ValidationError, ConfigError, NotFound) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DispatcherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        from .services import describe_service_error
+
+        print(f"error: {describe_service_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="dispatcher", description="Send SMS through many providers reliably and fast.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("send", help="store and enqueue one SMS; prints its id")
+    s.add_argument("provider", help="the provider account name from the config")
+    s.add_argument("--to", required=True)
+    s.add_argument("--text")
+    s.add_argument("--not-before", "--scheduled-at", dest="not_before", help="ISO 8601 with a time zone")
+    s.add_argument("--not-after", help="ISO 8601 with a time zone")
+    s.add_argument("--idempotency-key")
+    s.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a kind option, e.g. sender_id=MyApp or variables='{\"name\": \"Ada\"}'")
+    s.set_defaults(handler=_cmd_send)
+
+    st = sub.add_parser("status", help="show a message, its attempts and delivery events")
+    st.add_argument("id")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(handler=_cmd_status)
+
+    c = sub.add_parser("cancel", help="cancel a message not yet handed to the provider")
+    c.add_argument("id")
+    c.set_defaults(handler=_cmd_cancel)
+
+    sub.add_parser("worker", help="run a Celery worker (further options go to celery worker)")
+    sub.add_parser("beat", help="run the Celery beat (further options go to celery beat)")
+
+    cc = sub.add_parser("check-config", help="validate the config file and environment; prints no secret")
+    cc.add_argument("--file", help="path of the TOML file (default $DISPATCHER_CONFIG or ./dispatcher.toml)")
+    cc.set_defaults(handler=_cmd_check_config)
+
+    sb = sub.add_parser("sandbox", help="serve local simulators of all five provider APIs")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8765)
+    sb.add_argument("--latency-ms", type=int, default=0, help="answer every request after this delay")
+    sb.set_defaults(handler=_cmd_sandbox)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the sandbox, end to end")
+    d.add_argument("--keep", action="store_true", help="keep the demo's working directory")
+    d.set_defaults(handler=_cmd_demo)
+
+    db = sub.add_parser("db", help="database schema")
+    dbsub = db.add_subparsers(dest="db_command", parser_class=_Parser)
+    up = dbsub.add_parser("upgrade", help="apply every pending migration")
+    up.set_defaults(handler=_cmd_db_upgrade)
+    return p
+
+
+# --------------------------------------------------------------------------- commands
+def _cmd_send(args: argparse.Namespace) -> int:
+    from . import api
+
+    options = dict(_parse_opt(o) for o in args.opt)
+    msg = api.send(
+        args.provider, args.to, args.text,
+        not_before=_parse_time("--not-before", args.not_before),
+        not_after=_parse_time("--not-after", args.not_after),
+        idempotency_key=args.idempotency_key, **options,
+    )
+    print(msg.id)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from . import api
+    from .report import format_message, message_as_dict
+
+    msg = api.get(args.id)
+    if args.json:
+        print(json.dumps(message_as_dict(msg), default=str, indent=2))
+    else:
+        print(format_message(msg))
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from . import api
+
+    msg = api.cancel(args.id)
+    print(f"{msg.id} {msg.status}")
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .config import load_settings
+
+    s = load_settings(args.file)
+    source = s.source or "(no file: defaults and environment)"
+    print(f"ok: {source}")
+    print(f"  database: {_hide_password(s.database_url)}")
+    print(f"  redis:    {_hide_password(s.redis_url)}")
+    for name, acc in s.providers.items():
+        rate = str(acc.rate_limit) if acc.rate_limit else "unlimited"
+        shown = ", ".join(f"{k}={'***' if k in acc.secret_fields else v}" for k, v in acc.fields.items())
+        print(f"  provider {name}: kind={acc.kind} base_url={acc.base_url} rate_limit={rate} {shown}")
+    return EXIT_OK
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    from .sandbox.server import serve
+
+    serve(host=args.host, port=args.port, latency_ms=args.latency_ms)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from . import runtime
+    from .store.db import upgrade
+
+    url = runtime.settings().database_url
+    upgrade(url)
+    print(f"database at {_hide_password(url)} is up to date")
+    return EXIT_OK
+
+
+def _run_celery(which: str, rest: list[str]) -> int:
+    try:
+        from .services import require_redis
+        from . import runtime
+
+        require_redis(runtime.settings().redis_url)
+        from .worker import app
+    except (ConfigError, DispatcherError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if isinstance(exc, ConfigError) else EXIT_FAILURE
+    argv = [which, *rest]
+    if which == "worker" and not any(a.startswith(("-Q", "--queues")) for a in rest):
+        from . import keys
+
+        argv += ["-Q", f"{keys.QUEUE_SEND},{keys.QUEUE_BEAT}"]
+    app.start(argv=argv)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def _parse_time(flag: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"{flag}: not an ISO 8601 date-time: {value!r}") from None
+    if dt.tzinfo is None:
+        raise BadInput(f"{flag}: must carry a time zone (e.g. 2026-06-01T07:00:00Z or +02:00)")
+    return dt
+
+
+def _parse_opt(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise BadInput(f"--opt: expected KEY=VALUE, got {text!r}")
+    if raw[:1] in "{[":
+        try:
+            return key, json.loads(raw)
+        except ValueError:
+            raise BadInput(f"--opt {key}: value looks like JSON but does not parse") from None
+    return key, raw
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - redis:// URLs and others
+        import re
+
+        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

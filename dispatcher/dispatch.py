@@ -1,0 +1,191 @@
+"""The send loop of a worker: load -> claim -> send -> record, for a batch of message ids.
+
+Every outcome of an attempt is settled in one place, `settle()`:
+
+    Accepted            -> accepted (provider_ref, segments, cost kept)
+    Rejected            -> rejected (the provider's code and message kept)
+    RetryLater          -> queued again at a backoff time (or the provider's retry time),
+                           held in the store as `scheduled` when that is far off,
+                           failed when the attempts are used up, expired past not_after
+    an exception        -> unknown: the request may have gone; never re-sent blindly
+
+The claim (`queued -> sending`) is committed before any HTTP request, so a task delivered
+twice sends once. The HTTP requests of a batch run concurrently on the process's event
+loop (transport.py); claims and records are one statement each per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable, Sequence
+
+from . import runtime, transport
+from .config import Settings
+from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
+from .redact import mask
+from .retry import backoff
+from .store import queries
+from .store.db import ensure_schema, session_scope
+from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, UNKNOWN, Message, utcnow
+
+log = logging.getLogger("dispatcher.dispatch")
+
+
+@dataclass
+class BatchReport:
+    """What one dispatch did, for logs, tests and benchmarks."""
+
+    claimed: int = 0
+    expired: list[str] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)  # message id -> status after the attempt
+    retry_in: dict[str, float] = field(default_factory=dict)  # message id -> seconds until re-sent
+
+
+def dispatch_batch(
+    ids: Sequence[str],
+    *,
+    settings: Settings | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    enqueue: Callable[[list[str], float], None] | None = None,
+) -> BatchReport:
+    """Send the due, still-queued messages among `ids` once each and record what happened."""
+    s = settings or runtime.settings()
+    ensure_schema(s.database_url)
+    report = BatchReport()
+    now = clock()
+    with session_scope(s.database_url) as db:
+        report.expired = queries.expire_overdue(db, ids, now)
+        claimed = queries.claim(db, ids, now)
+    report.claimed = len(claimed)
+    if not claimed:
+        return report
+    results = transport.run(lambda: send_all(claimed), s.in_flight)
+    finished = clock()
+    settlements = [settle(m, r, now, finished, s) for m, r in zip(claimed, results)]
+    with session_scope(s.database_url) as db:
+        queries.record(db, settlements)
+    for st in settlements:
+        report.statuses[st.message_id] = st.values["status"]
+        if st.values["status"] == QUEUED:
+            report.retry_in[st.message_id] = max((st.values["due_at"] - finished).total_seconds(), 0.0)
+    _log_outcomes(claimed, settlements)
+    _requeue(report.retry_in, enqueue)
+    return report
+
+
+async def send_all(messages: Sequence[Message]) -> list[SendResult | BaseException]:
+    """Send every message concurrently over the process's shared client."""
+    loop = transport.process_loop()
+    client, slots = loop.client(), loop.slots()
+
+    async def one(m: Message) -> SendResult:
+        adapter = runtime.adapter_for(m.provider)
+        async with slots:
+            return await adapter.send(client, outbound(m))
+
+    return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+
+
+def outbound(m: Message) -> OutboundMessage:
+    return OutboundMessage(
+        id=m.id,
+        to=m.to,
+        text=m.text,
+        options=dict(m.options or {}),
+        not_before=m.not_before,
+        not_after=m.not_after,
+        attempt_key=m.attempt_key or m.id,
+        provider_ref=m.provider_ref,
+    )
+
+
+def settle(
+    m: Message, result: SendResult | BaseException, started: datetime, now: datetime, s: Settings
+) -> queries.Settlement:
+    """Decide the message's next state from one attempt's result (the one visible branch)."""
+    v = _unchanged(m, now)
+    if isinstance(result, BaseException):
+        v.update(status=UNKNOWN, error_code="internal_error", finished_at=now,
+                 error=f"send raised {type(result).__name__}: {result}"[:500])
+        return queries.Settlement(m.id, v, _attempt(m, started, None, "unknown", "internal_error", v["error"], 0.0))
+    outcome = result.outcome
+    if isinstance(outcome, Accepted):
+        v.update(status=ACCEPTED, provider_ref=outcome.provider_ref, accepted_at=now,
+                 provider_status=outcome.provider_status, error_code=None, error=None)
+        if outcome.segments:
+            v["segments"] = outcome.segments
+        if outcome.cost is not None:
+            v.update(cost=outcome.cost, cost_currency=outcome.cost_currency)
+        kind = "accepted"
+    elif isinstance(outcome, Rejected):
+        v.update(status=REJECTED, error_code=outcome.code, error=outcome.message, finished_at=now)
+        kind = "rejected"
+    elif isinstance(outcome, RetryLater):
+        kind = "retry"
+        v.update(error_code=outcome.code, error=outcome.message)
+        delay = backoff(m.attempts, s.retry_base, s.retry_cap)
+        if outcome.retry_at is not None:
+            delay = max(delay, outcome.retry_at - now.timestamp())
+        due = now + timedelta(seconds=delay)
+        if m.attempts >= s.max_attempts:
+            v.update(status=FAILED, finished_at=now,
+                     error=f"gave up after {m.attempts} attempts; last: {outcome.code} {outcome.message}".strip())
+        elif m.not_after is not None and due > m.not_after:
+            v.update(status=EXPIRED, finished_at=now,
+                     error=f"not_after passes before the next attempt could go; last: {outcome.code}")
+        else:
+            # A short wait rides a Celery countdown; a long one waits in the store for the beat.
+            v.update(status=QUEUED if delay <= s.retry_cap else SCHEDULED, due_at=due)
+            if not outcome.ambiguous:
+                v["attempt_key"] = str(uuid.uuid4())
+    else:  # pragma: no cover - the Outcome union is closed
+        raise TypeError(f"unknown outcome {outcome!r}")
+    code = getattr(outcome, "code", None)
+    detail = getattr(outcome, "message", None)
+    return queries.Settlement(
+        m.id, v, _attempt(m, started, result.http_status, kind, code, detail, result.latency_ms)
+    )
+
+
+def _unchanged(m: Message, now: datetime) -> dict:
+    return {
+        "status": m.status, "due_at": m.due_at, "attempt_key": m.attempt_key, "provider_ref": m.provider_ref,
+        "provider_status": m.provider_status, "segments": m.segments, "cost": m.cost,
+        "cost_currency": m.cost_currency, "error_code": m.error_code, "error": m.error,
+        "accepted_at": m.accepted_at, "finished_at": m.finished_at, "claimed_at": None, "updated_at": now,
+    }
+
+
+def _attempt(m: Message, started: datetime, http_status: int | None, outcome: str, code: str | None,
+             detail: str | None, latency_ms: float) -> dict:
+    return {
+        "message_id": m.id, "number": m.attempts, "started_at": started, "http_status": http_status,
+        "outcome": outcome, "provider_code": code, "detail": (detail or None) and detail[:500],
+        "latency_ms": round(latency_ms, 2),
+    }
+
+
+def _log_outcomes(claimed: Sequence[Message], settlements: Sequence[queries.Settlement]) -> None:
+    for m, st in zip(claimed, settlements):
+        status = st.values["status"]
+        level = logging.INFO if status in (ACCEPTED, QUEUED, SCHEDULED) else logging.WARNING
+        log.log(level, "message %s to %s via %s attempt %d -> %s %s", m.id, mask(m.to), m.provider,
+                m.attempts, status, st.values.get("error_code") or "")
+
+
+def _requeue(retry_in: dict[str, float], enqueue: Callable[[list[str], float], None] | None) -> None:
+    if not retry_in:
+        return
+    if enqueue is None:
+        from .queue import enqueue as enqueue_ids
+
+        enqueue = enqueue_ids
+    by_delay: dict[int, list[str]] = {}
+    for mid, delay in retry_in.items():
+        by_delay.setdefault(int(delay * 10) + 1, []).append(mid)  # round up: never arrive before due
+    for tenths, ids in by_delay.items():
+        enqueue(ids, tenths / 10.0)

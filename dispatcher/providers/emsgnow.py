@@ -1,0 +1,154 @@
+"""eMsgNow (`emsgnow`): POST /sms with an x-api-key, plain or templated (seed 004).
+
+* Address: `to` is an E.164 number; sent as given (the seed's templated example drops the
+  `+`, so the API accepts both).
+* Text: `message` up to 160 characters, or `template_id` (+ `variables`) instead of text.
+* Passed through: notBefore / notAfter (UTC, millisecond ISO 8601), callbackUrl, clientId
+  (at most 100 characters), `from` from the message or the account default.
+* Answer: 200 {"trackingId"} -> Accepted; 400/401/403 {"error"} -> Rejected; 429 and 5xx ->
+  RetryLater. Every response carries X-RateLimit-Limit/Remaining/Reset, Reset being the
+  seconds until the window resets.
+* Status: GET /sms/:id/events -> events "processing", "sent to provider", "delivered".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, ClassVar, Generator
+
+import httpx
+
+from ..errors import InvalidAddress, InvalidOption, MissingField, ValidationError
+from .base import (
+    Accepted,
+    Adapter,
+    DeliveryEvent,
+    OutboundMessage,
+    Outcome,
+    Rejected,
+    http_outcome,
+    json_or_none,
+    parse_time,
+    utc_iso,
+)
+
+_E164 = re.compile(r"^\+?[1-9]\d{6,14}$")
+_STATUS = {"processing": "accepted", "sent to provider": "accepted", "delivered": "delivered",
+           "failed": "failed", "undelivered": "failed", "expired": "expired", "rejected": "failed"}
+
+
+class ApiKeyAuth(httpx.Auth):
+    """Adds the `x-api-key` header."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["x-api-key"] = self._api_key
+        yield request
+
+    def __repr__(self) -> str:
+        return "ApiKeyAuth(api_key=***)"
+
+
+class EmsgnowAdapter(Adapter):
+    kind: ClassVar[str] = "emsgnow"
+    credentials = ("api_key",)
+    defaults = ("from", "callback_url")
+    options = ("from", "callback_url", "client_id", "template_id", "variables")
+    required_options = ("from",)
+    max_length = 160
+    text_required = False  # a template may stand in for the text
+    has_status = True
+
+    def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
+        if not isinstance(to, str) or not _E164.match(to):
+            raise InvalidAddress("to", "must be an E.164 phone number such as +14155550123")
+        super().validate(to, text, options)
+        template = options.get("template_id")
+        if text and template:
+            raise ValidationError("template_id", "give either text or template_id, not both")
+        if not text and not template:
+            raise MissingField("text", "required unless template_id is given")
+        if "variables" in options and not isinstance(options["variables"], dict):
+            raise InvalidOption("variables", "must be a mapping of template variable names to values")
+        client_id = options.get("client_id")
+        if client_id is not None and (not isinstance(client_id, str) or len(client_id) > 100):
+            raise InvalidOption("client_id", "must be a string of at most 100 characters")
+        callback = self.merged_options(options).get("callback_url")
+        if callback is not None and not re.match(r"^https?://", str(callback)):
+            raise InvalidOption("callback_url", "must be an http(s) URL")
+
+    def auth(self) -> httpx.Auth:
+        return ApiKeyAuth(self.account.get("api_key"))
+
+    def build_request(self, msg: OutboundMessage) -> httpx.Request:
+        opts = msg.options
+        body: dict[str, Any] = {"to": msg.to, "from": opts["from"]}
+        if opts.get("template_id"):
+            body["templateId"] = opts["template_id"]
+            if opts.get("variables"):
+                body["variables"] = opts["variables"]
+        else:
+            body["message"] = msg.text
+        if msg.not_before is not None:
+            body["notBefore"] = utc_iso(msg.not_before, millis=True)
+        if msg.not_after is not None:
+            body["notAfter"] = utc_iso(msg.not_after, millis=True)
+        if opts.get("callback_url"):
+            body["callbackUrl"] = opts["callback_url"]
+        if opts.get("client_id"):
+            body["clientId"] = opts["client_id"]
+        return httpx.Request(
+            "POST",
+            self.url("/sms"),
+            content=json.dumps(body, separators=(",", ":")).encode(),
+            headers={"content-type": "application/json"},
+        )
+
+    def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
+        data = json_or_none(response)
+        if response.status_code == 200 and isinstance(data, dict) and data.get("trackingId"):
+            return Accepted(provider_ref=str(data["trackingId"]), detail={"message": data.get("message")})
+        error = data.get("error") if isinstance(data, dict) else None
+        text = str(error or response.text[:200] or response.reason_phrase)
+        if response.status_code == 200:
+            return Rejected(code="unexpected_response", message=f"200 without trackingId: {text}")
+        code = {401: "api_key_required", 403: "invalid_api_key", 429: "rate_limited"}.get(
+            response.status_code, f"http_{response.status_code}"
+        )
+        retry_at = None
+        if response.status_code == 429:
+            signal = self.read_rate(response)
+            retry_at = signal.pause_until if signal else None
+        return http_outcome(response.status_code, code, text, retry_at)
+
+    def build_status_request(self, msg: OutboundMessage) -> httpx.Request:
+        return httpx.Request("GET", self.url(f"/sms/{msg.provider_ref}/events"))
+
+    def parse_status(self, response: httpx.Response, msg: OutboundMessage) -> list[DeliveryEvent]:
+        data = json_or_none(response)
+        if response.status_code != 200 or not isinstance(data, dict):
+            return []
+        events = []
+        for item in data.get("events") or []:
+            inner = item.get("message") or {}
+            word = str(inner.get("status", "")).lower()
+            at = parse_time(inner.get("statusAt") or item.get("timestamp"))
+            events.append(
+                DeliveryEvent(
+                    event_id=str(item.get("id")),
+                    status=_STATUS.get(word, "accepted"),
+                    provider_status=word,
+                    occurred_at=None if at is None else _from_epoch(at),
+                    detail={"additionalInfo": inner.get("additionalInfo") or {}},
+                )
+            )
+        return events
+
+
+def _from_epoch(value: float):  # type: ignore[no-untyped-def]
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(value, tz=timezone.utc)

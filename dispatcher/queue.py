@@ -1,0 +1,44 @@
+"""The producer side of the broker: hand message ids (never bodies) to the workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from .errors import BrokerUnavailable
+
+log = logging.getLogger("dispatcher.queue")
+TASK_DISPATCH = "dispatcher.dispatch"
+
+
+def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -> None:
+    """Publish dispatch tasks for `ids`, at most `batch_size` ids per task.
+
+    Raises BrokerUnavailable when Redis cannot be reached; the rows are already committed,
+    so the beat's sweep will enqueue them once it can.
+    """
+    from .worker import app  # the Celery app is built on first use
+
+    ids = list(ids)
+    if not ids:
+        return
+    try:
+        with app.producer_or_acquire() as producer:
+            for start in range(0, len(ids), batch_size):
+                app.send_task(
+                    TASK_DISPATCH,
+                    args=[ids[start : start + batch_size]],
+                    countdown=countdown or None,
+                    producer=producer,
+                )
+    except Exception as exc:  # kombu raises several connection error types
+        if _is_connection_error(exc):
+            raise BrokerUnavailable(f"cannot reach the broker: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import redis
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, (OperationalError, redis.exceptions.ConnectionError, ConnectionError, OSError))

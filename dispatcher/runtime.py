@@ -1,0 +1,36 @@
+"""The process's current settings and adapters, loaded once and resettable (tests, reloads)."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+from .config import Settings, load_settings
+from .providers import adapter_class
+from .providers.base import Adapter
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        with _lock:
+            if _settings is None:
+                _settings = load_settings()
+    return _settings
+
+
+def configure(new: Settings | None) -> None:
+    """Replace the settings (None = read them again from file and environment on next use)."""
+    global _settings
+    with _lock:
+        _settings = new
+    adapter_for.cache_clear()
+
+
+@lru_cache(maxsize=256)
+def adapter_for(account_name: str) -> Adapter:
+    account = settings().account(account_name)
+    return adapter_class(account.kind)(account)

@@ -1,0 +1,510 @@
+"""One aiohttp server holding every provider twin, with a request log, fault switches and a control API.
+
+Layout of the URL space (the twin's own paths sit under its kind):
+
+    /<kind>/...          a twin, e.g. POST /emsgnow/sms, POST /esms_africa/api/messages/send
+    /_sandbox/requests   GET  ?kind=K&since=SEQ   the request log (entries with seq > SEQ)
+    /_sandbox/faults     POST {"kind": K, latency_ms, down, fail_next, fail_status, fail_rate,
+                               drop_next, hang_next, hang_ms, seed}
+    /_sandbox/configure  POST {"kind": K, credentials, rate_limit, rate_window, delivery_step,
+                               extra: {...merged...}}
+    /_sandbox/reset      POST  empties the log, faults and twin state; restores the settings
+    /_sandbox/info       GET   base URL and sandbox credentials per kind
+
+A middleware around the twins (never inside them) records every request and applies the
+kind's faults, in this order: latency, down (503), drop (connection closed, no answer),
+fail (fail_status), hang (hold hang_ms, then answer normally). Per-request work is an append
+to the log and a few dict lookups, so one process keeps up with thousands of requests a second.
+
+`SandboxThread` runs the server on its own event loop in a daemon thread for tests and the
+demo; `serve()` runs it in the foreground for `dispatcher sandbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib
+import json
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .common import PARSED_BODY_KEY, KindSettings, json_response, parse_json_body, state_of
+
+KINDS = ("esimfly", "esimaccess", "emnify", "esms_africa", "emsgnow")
+CONTROL_PREFIX = "/_sandbox"
+GENERIC_FAULT_BODY = {"error": "injected failure"}
+_CONFIGURABLE = ("credentials", "rate_limit", "rate_window", "delivery_step", "extra")
+_MAX_LOG = 500_000  # entries kept; the oldest tenth is dropped beyond this
+
+
+def load_twins() -> dict[str, ModuleType]:
+    """The twin module of every kind, by kind name."""
+    twins = {}
+    for kind in KINDS:  # DEV-ONLY skip of twins not written yet: remove before hand-over
+        try:
+            twins[kind] = importlib.import_module(f"{__package__}.{kind}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{kind}":
+                raise
+    return twins
+
+
+# --------------------------------------------------------------------------- records and faults
+@dataclass
+class RecordedRequest:
+    """One request a twin received, and what it answered (status None: not answered / dropped)."""
+
+    seq: int
+    kind: str
+    method: str
+    path: str  # within the kind: "/sms", not "/emsgnow/sms"
+    query: dict[str, str]
+    headers: CIMultiDict  # case-insensitive: headers["x-api-key"] == headers["X-Api-Key"]
+    body: bytes
+    json: Any
+    received_at: float  # epoch seconds at arrival
+    status: int | None = None
+    response_json: Any = None
+    answered_at: float | None = None
+    fault: str | None = None  # "down" | "fail" | "drop" | "hang" when a fault shaped the answer
+
+    def to_json(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["headers"] = dict(self.headers)
+        data["body"] = self.body.decode("utf-8", errors="replace")
+        return data
+
+
+@dataclass
+class Faults:
+    """The misbehaviour switched on for one kind."""
+
+    latency_ms: float = 0.0
+    down: bool = False
+    fail_next: int = 0
+    fail_status: int = 500
+    fail_rate: float = 0.0
+    drop_next: int = 0
+    hang_next: int = 0
+    hang_ms: float = 0.0
+    seed: int = 0
+    rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
+
+    def update(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if name == "rng" or name not in {f.name for f in fields(self)}:
+                raise ValueError(f"unknown fault {name!r}")
+            current = getattr(self, name)
+            setattr(self, name, type(current)(value))
+        if "seed" in values:
+            self.rng = random.Random(self.seed)
+        if not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError("fail_rate must be between 0 and 1")
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "rng"}
+
+
+# --------------------------------------------------------------------------- the server state
+class Sandbox:
+    """The twins, their settings, faults and the request log. Touched only on the server's loop."""
+
+    def __init__(self, settings: dict[str, KindSettings] | None = None,
+                 twins: dict[str, ModuleType] | None = None) -> None:
+        self.twins = twins if twins is not None else load_twins()
+        given = settings or {}
+        self.settings = {k: given.get(k) or mod.default_settings() for k, mod in self.twins.items()}
+        self._initial = {k: _copy_settings(s) for k, s in self.settings.items()}
+        self.faults = {k: Faults() for k in self.twins}
+        self.apps: dict[str, web.Application] = {}
+        self.log: list[RecordedRequest] = []
+        self.seq = 0
+
+    # ---- log
+    def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any, now: float) -> RecordedRequest:
+        self.seq += 1
+        entry = RecordedRequest(self.seq, kind, request.method, path, dict(request.query),
+                                CIMultiDict(request.headers), raw, parsed, now)
+        self.log.append(entry)
+        if len(self.log) > _MAX_LOG:
+            del self.log[: _MAX_LOG // 10]
+        return entry
+
+    def requests(self, kind: str | None = None, since: int = 0) -> list[RecordedRequest]:
+        start = 0
+        if self.log and since > 0:
+            start = max(0, since - self.log[0].seq + 1)
+        entries = self.log[start:]
+        return [e for e in entries if e.seq > since and (kind is None or e.kind == kind)]
+
+    # ---- switches
+    def set_faults(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        faults = self._faults_of(kind)
+        faults.update(values)
+        return faults.public()
+
+    def configure(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        settings = self._settings_of(kind)
+        for name, value in values.items():
+            if name not in _CONFIGURABLE:
+                raise ValueError(f"{name!r} cannot be configured (allowed: {', '.join(_CONFIGURABLE)})")
+            if name == "extra":
+                if not isinstance(value, dict):
+                    raise ValueError("extra must be an object")
+                settings.extra.update(value)
+            elif name == "credentials":
+                if not isinstance(value, dict):
+                    raise ValueError("credentials must be an object")
+                settings.credentials = {str(k): str(v) for k, v in value.items()}
+            elif name == "rate_limit":
+                settings.rate_limit = None if value is None else int(value)
+            else:
+                setattr(settings, name, float(value))
+        return settings_json(settings)
+
+    def reset(self) -> None:
+        self.log.clear()
+        self.faults = {k: Faults() for k in self.twins}
+        for kind, settings in self.settings.items():
+            _restore(settings, self._initial[kind])
+        for app in self.apps.values():
+            state = state_of(app)
+            if state is not None:
+                state.reset()
+
+    def info(self, root_url: str) -> dict[str, Any]:
+        return {
+            kind: {"base_url": f"{root_url}/{kind}", "credentials": dict(s.credentials)}
+            for kind, s in self.settings.items()
+        }
+
+    def fault_body(self, kind: str, status: int, message: str) -> Any:
+        make = getattr(self.twins[kind], "fault_body", None)
+        return make(status, message) if make is not None else dict(GENERIC_FAULT_BODY)
+
+    def _faults_of(self, kind: str) -> Faults:
+        if kind not in self.faults:
+            raise ValueError(f"unknown kind {kind!r} (known: {', '.join(self.faults)})")
+        return self.faults[kind]
+
+    def _settings_of(self, kind: str) -> KindSettings:
+        if kind not in self.settings:
+            raise ValueError(f"unknown kind {kind!r} (known: {', '.join(self.settings)})")
+        return self.settings[kind]
+
+
+def _copy_settings(settings: KindSettings) -> KindSettings:
+    return KindSettings(
+        credentials=dict(settings.credentials), rate_limit=settings.rate_limit, rate_window=settings.rate_window,
+        delivery_step=settings.delivery_step, clock=settings.clock, extra=copy.deepcopy(settings.extra),
+    )
+
+
+def _restore(settings: KindSettings, initial: KindSettings) -> None:
+    """Put the initial values back into the live object the twin holds."""
+    fresh = _copy_settings(initial)
+    for f in fields(KindSettings):
+        setattr(settings, f.name, getattr(fresh, f.name))
+
+
+def settings_json(settings: KindSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in _CONFIGURABLE}
+
+
+# --------------------------------------------------------------------------- middleware
+SANDBOX_KEY: web.AppKey[Sandbox] = web.AppKey("sandbox", Sandbox)
+
+
+class _Dropped(Exception):
+    """The connection was closed on purpose; nothing is answered."""
+
+
+def _fault_middleware(sandbox: Sandbox, clock: Callable[[], float]):
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        kind, _, rest = request.path[1:].partition("/")
+        if kind not in sandbox.twins:
+            return await handler(request)
+        received_at = clock()
+        raw = await request.read()
+        parsed = parse_json_body(raw)
+        request[PARSED_BODY_KEY] = parsed
+        entry = sandbox.record(request, kind, "/" + rest, raw, parsed[0], received_at)
+        try:
+            response = await _answer(sandbox, kind, entry, request, handler)
+        except _Dropped:
+            entry.fault = "drop"
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError() from None
+        except web.HTTPException as exc:
+            entry.status, entry.answered_at = exc.status, clock()
+            raise
+        entry.status, entry.answered_at = response.status, clock()
+        entry.response_json = _response_json(response)
+        return response
+
+    return middleware
+
+
+async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: web.Request, handler) -> web.StreamResponse:
+    faults = sandbox.faults[kind]
+    if faults.latency_ms > 0:
+        await asyncio.sleep(faults.latency_ms / 1000.0)
+    if faults.down:
+        entry.fault = "down"
+        return json_response(sandbox.fault_body(kind, 503, "service unavailable"), status=503)
+    if faults.drop_next > 0:
+        faults.drop_next -= 1
+        raise _Dropped()
+    if faults.fail_next > 0 or (faults.fail_rate > 0 and faults.rng.random() < faults.fail_rate):
+        faults.fail_next = max(0, faults.fail_next - 1)
+        entry.fault = "fail"
+        status = faults.fail_status
+        return json_response(sandbox.fault_body(kind, status, "injected failure"), status=status)
+    if faults.hang_next > 0:
+        faults.hang_next -= 1
+        entry.fault = "hang"
+        await asyncio.sleep(faults.hang_ms / 1000.0)
+    return await handler(request)
+
+
+def _response_json(response: web.StreamResponse) -> Any:
+    body = getattr(response, "body", None)
+    if not isinstance(body, (bytes, bytearray)) or not body:
+        return None
+    if "json" not in (response.content_type or ""):
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- control API
+def _control_routes(sandbox: Sandbox) -> list[web.RouteDef]:
+    async def list_requests(request: web.Request) -> web.Response:
+        kind = request.query.get("kind") or None
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return json_response({"error": "since must be an integer"}, status=400)
+        entries = sandbox.requests(kind, since)
+        return json_response({"requests": [e.to_json() for e in entries], "last_seq": sandbox.seq})
+
+    async def faults(request: web.Request) -> web.Response:
+        return await _switch(request, sandbox.set_faults)
+
+    async def configure(request: web.Request) -> web.Response:
+        return await _switch(request, sandbox.configure)
+
+    async def reset(request: web.Request) -> web.Response:
+        sandbox.reset()
+        return json_response({"reset": True})
+
+    async def info(request: web.Request) -> web.Response:
+        return json_response(sandbox.info(f"{request.scheme}://{request.host}"))
+
+    return [
+        web.get(f"{CONTROL_PREFIX}/requests", list_requests),
+        web.post(f"{CONTROL_PREFIX}/faults", faults),
+        web.post(f"{CONTROL_PREFIX}/configure", configure),
+        web.post(f"{CONTROL_PREFIX}/reset", reset),
+        web.get(f"{CONTROL_PREFIX}/info", info),
+    ]
+
+
+async def _switch(request: web.Request, apply: Callable[[str, dict[str, Any]], dict[str, Any]]) -> web.Response:
+    try:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
+            raise ValueError('body must be a JSON object with "kind"')
+        values = {k: v for k, v in body.items() if k != "kind"}
+        return json_response({"kind": body["kind"], **apply(body["kind"], values)})
+    except (ValueError, TypeError) as exc:
+        return json_response({"error": str(exc)}, status=400)
+
+
+# --------------------------------------------------------------------------- building
+def build_app(settings: dict[str, KindSettings] | None = None, *,
+              clock: Callable[[], float] | None = None) -> web.Application:
+    """The root application: every twin mounted at /<kind>, the middleware, the control API."""
+    sandbox = Sandbox(settings)
+    app = web.Application(middlewares=[_fault_middleware(sandbox, clock or time.time)], client_max_size=4 * 1024**2)
+    app[SANDBOX_KEY] = sandbox
+    app.add_routes(_control_routes(sandbox))
+    for kind, module in sandbox.twins.items():
+        sub = module.make_app(sandbox.settings[kind])
+        sandbox.apps[kind] = sub
+        app.add_subapp(f"/{kind}", sub)
+    return app
+
+
+async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, bound
+
+
+# --------------------------------------------------------------------------- SandboxThread
+class SandboxThread:
+    """The sandbox on its own event loop in a daemon thread; every method is safe from other threads."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 settings: dict[str, KindSettings] | None = None) -> None:
+        self.host, self.port = host, port
+        self._settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.app: web.Application | None = None
+
+    # ---- lifecycle
+    def start(self) -> "SandboxThread":
+        self._thread = threading.Thread(target=self._run, name="dispatcher-sandbox", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=30):
+            raise RuntimeError("sandbox did not start within 30 s")
+        if self._error is not None:
+            raise RuntimeError(f"sandbox failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None or self._stop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+        self._loop = None
+
+    def __enter__(self) -> "SandboxThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            self.app = build_app(self._settings)
+            runner, self.port = await _start(self.app, self.host, self.port)
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    # ---- addresses
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def base_url(self, kind: str) -> str:
+        self._sandbox()._settings_of(kind)
+        return f"{self.url}/{kind}"
+
+    def credentials(self, kind: str) -> dict[str, str]:
+        return self._call(lambda sb: dict(sb._settings_of(kind).credentials))
+
+    def settings(self, kind: str) -> KindSettings:
+        """The live settings object of a kind (e.g. to inject a clock: `.clock = fake.time`)."""
+        return self._sandbox()._settings_of(kind)
+
+    # ---- log and switches
+    def requests(self, kind: str | None = None, since: int = 0) -> list[RecordedRequest]:
+        return self._call(lambda sb: sb.requests(kind, since))
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest recorded request: pass it as `since` to see only what follows."""
+        return self._call(lambda sb: sb.seq)
+
+    def set_faults(self, kind: str, **values: Any) -> dict[str, Any]:
+        return self._call(lambda sb: sb.set_faults(kind, values))
+
+    def configure(self, kind: str, **values: Any) -> dict[str, Any]:
+        return self._call(lambda sb: sb.configure(kind, values))
+
+    def reset(self) -> None:
+        self._call(lambda sb: sb.reset())
+
+    # ---- plumbing
+    def _sandbox(self) -> Sandbox:
+        if self.app is None:
+            raise RuntimeError("sandbox is not started")
+        return self.app[SANDBOX_KEY]
+
+    def _call(self, fn: Callable[[Sandbox], Any]) -> Any:
+        """Run `fn(sandbox)` on the server's loop and return its result."""
+        sandbox, loop = self._sandbox(), self._loop
+        if loop is None:
+            raise RuntimeError("sandbox is not running")
+
+        async def run() -> Any:
+            return fn(sandbox)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
+
+
+# --------------------------------------------------------------------------- foreground
+def serve(host: str = "127.0.0.1", port: int = 8765, latency_ms: float = 0, fail_rate: float = 0.0,
+          settings: dict[str, KindSettings] | None = None, out: Callable[[str], None] = print) -> None:
+    """Serve every twin until Ctrl-C or SIGTERM, after printing each kind's base URL and credentials."""
+    asyncio.run(_serve(host, port, latency_ms, fail_rate, settings, out))
+
+
+async def _serve(host: str, port: int, latency_ms: float, fail_rate: float,
+                 settings: dict[str, KindSettings] | None, out: Callable[[str], None]) -> None:
+    app = build_app(settings)
+    sandbox = app[SANDBOX_KEY]
+    for kind in sandbox.twins:
+        sandbox.set_faults(kind, {"latency_ms": latency_ms, "fail_rate": fail_rate})
+    runner, bound = await _start(app, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    for line in describe(sandbox.info(f"http://{host}:{bound}")):
+        out(line)
+    out(f"control API: http://{host}:{bound}{CONTROL_PREFIX}/info  (Ctrl-C to stop)")
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def describe(info: dict[str, Any]) -> Iterable[str]:
+    """One line per kind: its base URL and sandbox credentials."""
+    width = max(len(kind) for kind in info)
+    for kind, entry in info.items():
+        creds = " ".join(f"{k}={v}" for k, v in entry["credentials"].items())
+        yield f"{kind:<{width}}  {entry['base_url']}  {creds}"

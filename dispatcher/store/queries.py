@@ -1,0 +1,226 @@
+"""The queries that move a message through its states, each a compare-and-set on `status`.
+
+Every function takes an open Session and does one job; the caller owns the transaction.
+Batch functions take many ids and make one round trip (or one executemany) per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import (
+    ACCEPTED,
+    FINAL,
+    QUEUED,
+    SCHEDULED,
+    SENDING,
+    Attempt,
+    Event,
+    Message,
+)
+
+M = Message.__table__  # type: ignore[attr-defined]
+
+
+def add_message(session: Session, message: Message) -> Message:
+    """Insert one message; with an idempotency key already used, return the first one instead."""
+    if message.idempotency_key:
+        existing = find_by_idempotency_key(session, message.idempotency_key)
+        if existing is not None:
+            return existing
+    try:
+        with session.begin_nested():
+            session.add(message)
+            session.flush()
+    except IntegrityError:
+        existing = find_by_idempotency_key(session, message.idempotency_key or "")
+        if existing is None:
+            raise
+        return existing
+    return message
+
+
+def add_messages(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Bulk insert of message rows (dicts of column values), one executemany."""
+    if rows:
+        session.execute(insert(M), rows)
+
+
+def find_by_idempotency_key(session: Session, key: str) -> Message | None:
+    return session.execute(select(Message).where(Message.idempotency_key == key)).scalars().first()  # type: ignore[attr-defined]
+
+
+def get_message(session: Session, message_id: str) -> Message | None:
+    return session.get(Message, message_id)
+
+
+def get_events(session: Session, message_id: str) -> list[Event]:
+    stmt = select(Event).where(Event.message_id == message_id).order_by(Event.occurred_at, Event.id)
+    return list(session.execute(stmt).scalars())  # type: ignore[attr-defined]
+
+
+def get_attempts(session: Session, message_id: str) -> list[Attempt]:
+    stmt = select(Attempt).where(Attempt.message_id == message_id).order_by(Attempt.number)
+    return list(session.execute(stmt).scalars())  # type: ignore[attr-defined]
+
+
+def expire_overdue(session: Session, ids: Sequence[str] | None, now: datetime) -> list[str]:
+    """Waiting messages whose not_after has passed become `expired`. Returns their ids."""
+    cond = and_(M.c.status.in_([SCHEDULED, QUEUED]), M.c.not_after.is_not(None), M.c.not_after < now)
+    if ids is not None:
+        cond = and_(cond, M.c.id.in_(list(ids)))
+    stmt = (
+        update(M)
+        .where(cond)
+        .values(status="expired", error_code="expired", error="not_after passed before it could be sent",
+                finished_at=now, updated_at=now)
+        .returning(M.c.id)
+    )
+    return [row[0] for row in session.execute(stmt)]
+
+
+def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Message]:
+    """Compare-and-set `queued -> sending` for the ids that are due; returns the claimed rows.
+
+    A task delivered twice finds its messages already `sending` (or beyond) and claims nothing.
+    """
+    if not ids:
+        return []
+    stmt = (
+        update(M)
+        .where(
+            M.c.id.in_(list(ids)),
+            M.c.status == QUEUED,
+            or_(M.c.due_at.is_(None), M.c.due_at <= now),
+        )
+        .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now)
+        .returning(M.c.id)
+    )
+    claimed = [row[0] for row in session.execute(stmt)]
+    if not claimed:
+        return []
+    rows = session.execute(select(Message).where(Message.id.in_(claimed))).scalars()  # type: ignore[attr-defined]
+    by_id = {m.id: m for m in rows}
+    for m in by_id.values():
+        session.refresh(m)
+    return [by_id[i] for i in claimed if i in by_id]
+
+
+def unclaim(session: Session, ids: Sequence[str], now: datetime, due_at: datetime | None) -> None:
+    """Give claimed messages back untouched (`sending -> queued`) without counting an attempt."""
+    if ids:
+        session.execute(
+            update(M)
+            .where(M.c.id.in_(list(ids)), M.c.status == SENDING)
+            .values(status=QUEUED, attempts=M.c.attempts - 1, claimed_at=None, due_at=due_at, updated_at=now)
+        )
+
+
+@dataclass
+class Settlement:
+    """What one attempt changes: new column values for the message and its attempt row."""
+
+    message_id: str
+    values: dict[str, Any]
+    attempt: dict[str, Any] | None
+
+
+_SETTLE_COLUMNS = (
+    "status", "due_at", "attempt_key", "provider_ref", "provider_status", "segments", "cost",
+    "cost_currency", "error_code", "error", "accepted_at", "finished_at", "claimed_at", "updated_at",
+)
+
+
+def record(session: Session, settlements: Iterable[Settlement]) -> int:
+    """Apply settlements of `sending` messages in one executemany; returns rows changed.
+
+    The WHERE status='sending' guard keeps a message settled elsewhere (the reaper) from
+    being overwritten.
+    """
+    settlements = list(settlements)
+    if not settlements:
+        return 0
+    stmt = (
+        update(M)
+        .where(M.c.id == bindparam("b_id"), M.c.status == SENDING)
+        .values({c: bindparam(f"b_{c}") for c in _SETTLE_COLUMNS})
+    )
+    params = []
+    for s in settlements:
+        p = {"b_id": s.message_id}
+        for c in _SETTLE_COLUMNS:
+            p[f"b_{c}"] = s.values[c]
+        params.append(p)
+    changed = session.execute(stmt, params).rowcount
+    attempts = [s.attempt for s in settlements if s.attempt is not None]
+    if attempts:
+        session.execute(insert(Attempt.__table__), attempts)  # type: ignore[attr-defined]
+    return changed
+
+
+def due_ids(session: Session, status: str, now: datetime, limit: int) -> list[str]:
+    """Ids of messages in `status` whose due time has come, oldest first."""
+    stmt = (
+        select(M.c.id)
+        .where(M.c.status == status, or_(M.c.due_at.is_(None), M.c.due_at <= now))
+        .order_by(M.c.due_at)
+        .limit(limit)
+    )
+    return [row[0] for row in session.execute(stmt)]
+
+
+def release(session: Session, ids: Sequence[str], now: datetime) -> list[str]:
+    """`scheduled -> queued` for due messages (compare-and-set: two beats never release one twice)."""
+    if not ids:
+        return []
+    stmt = (
+        update(M)
+        .where(M.c.id.in_(list(ids)), M.c.status == SCHEDULED, or_(M.c.due_at.is_(None), M.c.due_at <= now))
+        .values(status=QUEUED, updated_at=now)
+        .returning(M.c.id, M.c.provider)
+    )
+    return [row[0] for row in session.execute(stmt)]
+
+
+def stale_sending(session: Session, before: datetime, limit: int) -> list[Message]:
+    stmt = select(Message).where(Message.status == SENDING, Message.claimed_at < before).limit(limit)
+    return list(session.execute(stmt).scalars())  # type: ignore[attr-defined]
+
+
+def set_status(session: Session, message_id: str, expect: Iterable[str], values: dict[str, Any]) -> bool:
+    """Compare-and-set one message from any of `expect` statuses; True when it moved."""
+    stmt = update(M).where(M.c.id == message_id, M.c.status.in_(list(expect))).values(**values)
+    return session.execute(stmt).rowcount == 1
+
+
+def add_events(session: Session, message_id: str, events: list[dict[str, Any]]) -> int:
+    """Store delivery events not seen before (by provider event id); returns how many were new."""
+    if not events:
+        return 0
+    seen = {
+        row[0]
+        for row in session.execute(
+            select(Event.event_id).where(Event.message_id == message_id, Event.event_id.in_([e["event_id"] for e in events]))  # type: ignore[attr-defined]
+        )
+    }
+    fresh = [dict(e, message_id=message_id) for e in events if e["event_id"] not in seen]
+    if fresh:
+        session.execute(insert(Event.__table__), fresh)  # type: ignore[attr-defined]
+    return len(fresh)
+
+
+def is_final(status: str) -> bool:
+    return status in FINAL
+
+
+__all__ = [
+    "ACCEPTED", "Settlement", "add_events", "add_message", "add_messages", "claim", "due_ids",
+    "expire_overdue", "find_by_idempotency_key", "get_attempts", "get_events", "get_message",
+    "is_final", "record", "release", "set_status", "stale_sending", "unclaim",
+]

@@ -1,0 +1,100 @@
+"""The HTTP edge: one event loop per process, and one shared async client over aiohttp.
+
+Celery runs tasks in ordinary (prefork or thread) workers; the sends of a task run here,
+on a long-lived event loop in a daemon thread, so a process keeps hundreds of requests in
+flight over one connection pool. httpx's API (Request, Auth, timeouts) stays; the network
+goes through `httpx-aiohttp`, because httpx's own async pool collapses at high concurrency
+(design.md measures 62 req/s against 1,095 req/s at 256 in flight, 200 ms latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+T = TypeVar("T")
+
+
+def make_client(in_flight: int = 256, timeout: float = 10.0) -> httpx.AsyncClient:
+    """An AsyncClient over aiohttp with room for `in_flight` connections."""
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits, trust_env=False),
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+        trust_env=False,
+    )
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` executes on it from any thread."""
+
+    def __init__(self, in_flight: int = 256) -> None:
+        self.in_flight = in_flight
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
+        self._thread.start()
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def run(self, factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run the coroutine `factory()` on the loop and wait for its result."""
+
+        async def wrapper() -> T:
+            return await factory()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+    def client(self) -> httpx.AsyncClient:
+        """The shared client; call only from coroutines running on this loop."""
+        if self._client is None:
+            self._client = make_client(self.in_flight)
+        return self._client
+
+    def slots(self) -> asyncio.Semaphore:
+        """Caps requests in flight across every task of this process."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.in_flight)
+        return self._slots
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            if self._client is not None:
+                await self._client.aclose()
+
+        try:
+            self.run(shutdown, timeout=5)
+        except Exception:  # noqa: BLE001 - closing on the way out; nothing to save
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+
+_loops: dict[int, LoopThread] = {}
+_guard = threading.Lock()
+
+
+def process_loop(in_flight: int = 256) -> LoopThread:
+    """This process's loop (a forked child never reuses its parent's)."""
+    pid = os.getpid()
+    with _guard:
+        loop = _loops.get(pid)
+        if loop is None:
+            loop = LoopThread(in_flight)
+            _loops[pid] = loop
+    return loop
+
+
+def close_process_loop() -> None:
+    with _guard:
+        loop = _loops.pop(os.getpid(), None)
+    if loop is not None:
+        loop.close()
+
+
+def run(factory: Callable[[], Awaitable[Any]], in_flight: int = 256) -> Any:
+    return process_loop(in_flight).run(factory)
