@@ -87,6 +87,10 @@ class Settings:
     in_flight: int = 256  # concurrent HTTP requests per worker process
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
     lease_seconds: float = 300.0  # a claim older than this is settled by the reaper
+    poll_seconds: float = 2.0  # beat interval of the delivery-status poll
+    poll_first: float = 1.0  # seconds after acceptance before the first status poll
+    poll_max_interval: float = 600.0  # polls back off (a quarter of the message's age) up to this
+    poll_max_age: float = 72 * 3600.0  # after this long without a final status: `unknown`
     source: str | None = None  # the file these came from
 
     def account(self, name: str) -> ProviderAccount:

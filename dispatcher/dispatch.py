@@ -115,7 +115,9 @@ def settle(
     outcome = result.outcome
     if isinstance(outcome, Accepted):
         v.update(status=ACCEPTED, provider_ref=outcome.provider_ref, accepted_at=now,
-                 provider_status=outcome.provider_status, error_code=None, error=None)
+                 provider_status=outcome.provider_status, error_code=None, error=None, due_at=None)
+        if _has_status(m.provider):  # due_at of an accepted message = its next status poll
+            v["due_at"] = now + timedelta(seconds=s.poll_first)
         if outcome.segments:
             v["segments"] = outcome.segments
         if outcome.cost is not None:
@@ -149,6 +151,13 @@ def settle(
     return queries.Settlement(
         m.id, v, _attempt(m, started, result.http_status, kind, code, detail, result.latency_ms)
     )
+
+
+def _has_status(account: str) -> bool:
+    try:
+        return runtime.adapter_for(account).has_status
+    except Exception:  # noqa: BLE001 - an account removed from the config: nothing to poll
+        return False
 
 
 def _unchanged(m: Message, now: datetime) -> dict:

@@ -22,6 +22,7 @@ from . import keys, runtime
 from .queue import TASK_DISPATCH
 
 TASK_TICK = "dispatcher.tick"
+TASK_POLL = "dispatcher.poll_status"
 log = logging.getLogger("dispatcher.worker")
 
 
@@ -34,7 +35,7 @@ def create_app() -> Celery:
         task_reject_on_worker_lost=True,
         task_default_queue=keys.QUEUE_SEND,
         task_queues=(Queue(keys.QUEUE_SEND), Queue(keys.QUEUE_BEAT)),
-        task_routes={TASK_TICK: {"queue": keys.QUEUE_BEAT}},
+        task_routes={TASK_TICK: {"queue": keys.QUEUE_BEAT}, TASK_POLL: {"queue": keys.QUEUE_BEAT}},
         task_serializer="json",
         accept_content=["json"],
         worker_pool="threads",
@@ -52,6 +53,7 @@ def create_app() -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         beat_schedule={
             "dispatcher-tick": {"task": TASK_TICK, "schedule": s.tick_seconds, "options": {"expires": 30}},
+            "dispatcher-poll": {"task": TASK_POLL, "schedule": s.poll_seconds, "options": {"expires": 60}},
         },
         timezone="UTC",
     )
@@ -76,6 +78,16 @@ def tick() -> dict:
     from .schedule import tick as run_tick
 
     return run_tick().as_dict()
+
+
+@app.task(name=TASK_POLL, ignore_result=True)
+def poll_status() -> dict:
+    """Poll delivery status of accepted messages that are due for it (status.py)."""
+    from dataclasses import asdict
+
+    from .status import poll
+
+    return asdict(poll())
 
 
 @signals.worker_process_shutdown.connect

@@ -40,7 +40,8 @@ def make_adapter(base_url: str = "https://esimfly.example", access_code: str = S
     return EsimflyAdapter(account, clock=clock)
 
 
-def make_msg(to: str = SEED_ICCID, text: str = SEED_TEXT, attempt_key: str = SEED_REQUEST_ID, **options) -> OutboundMessage:
+def make_msg(to: str = SEED_ICCID, text: str = SEED_TEXT, attempt_key: str = SEED_REQUEST_ID,
+             **options) -> OutboundMessage:
     return OutboundMessage(id="m1", to=to, text=text, options=options, attempt_key=attempt_key)
 
 
@@ -61,7 +62,8 @@ def test_registry_finds_the_adapter_with_its_declarations():
     cls = adapter_class("esimfly")
     assert cls is EsimflyAdapter
     assert cls.credentials == ("access_code", "secret_key")
-    assert (cls.max_length, cls.default_rate_limit, cls.has_status, cls.idempotent_retry) == (500, "1000/h", False, True)
+    declared = (cls.max_length, cls.default_rate_limit, cls.has_status, cls.idempotent_retry)
+    assert declared == (500, "1000/h", False, True)
 
 
 # --------------------------------------------------------------------------- validation
@@ -83,6 +85,14 @@ def test_validate_refuses_text_over_500_characters_and_accepts_500():
     adapter.validate(SEED_ICCID, "x" * 500, {})
     with pytest.raises(TextTooLong) as err:
         adapter.validate(SEED_ICCID, "x" * 501, {})
+    assert err.value.field == "text"
+
+
+def test_validate_counts_text_as_the_provider_does_an_emoji_is_two():
+    adapter = make_adapter()
+    adapter.validate(SEED_ICCID, "x" * 498 + "👋", {})
+    with pytest.raises(TextTooLong) as err:
+        adapter.validate(SEED_ICCID, "x" * 499 + "👋", {})
     assert err.value.field == "text"
 
 
@@ -213,7 +223,8 @@ def test_every_documented_answer_reads_as_one_outcome(status, body, kind, code):
 
 
 def test_success_has_no_provider_ref_but_keeps_the_request_id():
-    outcome = make_adapter().parse_response(answer(200, {"success": True, "message": "SMS sent successfully"}), make_msg())
+    response = answer(200, {"success": True, "message": "SMS sent successfully"})
+    outcome = make_adapter().parse_response(response, make_msg())
     assert outcome == Accepted(detail={"request_id": SEED_REQUEST_ID, "message": "SMS sent successfully"})
 
 
@@ -240,7 +251,8 @@ def test_rate_limit_retries_at_the_reset_whether_iso_or_unix(reset):
     outcome = adapter.parse_response(response, make_msg())
     assert outcome.retry_at == pytest.approx(RESET_AT)
     rate = adapter.read_rate(response)
-    assert (rate.limit, rate.remaining, rate.reset_at, rate.pause_until) == (1000, 0, pytest.approx(RESET_AT), pytest.approx(RESET_AT))
+    assert (rate.limit, rate.remaining) == (1000, 0)
+    assert rate.reset_at == rate.pause_until == pytest.approx(RESET_AT)
 
 
 def test_rate_headers_on_a_success_are_read_without_a_pause():
@@ -250,14 +262,19 @@ def test_rate_headers_on_a_success_are_read_without_a_pause():
 
 
 # --------------------------------------------------------------------------- against the sandbox
-def sandbox_adapter(sandbox) -> EsimflyAdapter:
+SMS_NOT_SUPPORTED_ICCID = "8948010010036780001"  # the twin's magic endings
+SMS_FAILED_ICCID = "8948010010036780002"
+
+
+def sandbox_adapter(sandbox, secret_key: str | None = None) -> EsimflyAdapter:
     creds = sandbox.credentials("esimfly")
-    return make_adapter(sandbox.base_url("esimfly"), creds["access_code"], creds["secret_key"], clock=time.time)
+    return make_adapter(sandbox.base_url("esimfly"), creds["access_code"], secret_key or creds["secret_key"],
+                        clock=time.time)
 
 
-def send(adapter: EsimflyAdapter, msg: OutboundMessage):
+def send(adapter: EsimflyAdapter, msg: OutboundMessage, timeout: float = 5.0):
     async def go():
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=timeout) as client:
             return await adapter.send(client, msg)
 
     return asyncio.run(go())
@@ -268,15 +285,14 @@ def fresh_msg(**kwargs) -> OutboundMessage:
 
 
 def test_sandbox_accepts_a_signed_send_and_sees_the_exact_request(clean_sandbox):
-    adapter = sandbox_adapter(clean_sandbox)
     creds = clean_sandbox.credentials("esimfly")
-    msg = fresh_msg(to=sandbox_iccid(clean_sandbox))
-    result = send(adapter, msg)
+    msg = fresh_msg()
+    result = send(sandbox_adapter(clean_sandbox), msg)
     assert isinstance(result.outcome, Accepted), result.outcome
-    assert result.http_status == 200
+    assert result.http_status == 200 and result.rate.limit == 1000 and result.rate.remaining == 999
     (seen,) = clean_sandbox.requests("esimfly")
     assert (seen.method, seen.path) == ("POST", SEND_PATH)
-    assert seen.json == {"iccid": msg.to, "message": SEED_TEXT}
+    assert seen.body == SEED_BODY
     assert seen.headers["RT-RequestID"] == msg.attempt_key
     assert seen.headers["RT-AccessCode"] == creds["access_code"]
     assert seen.headers["Content-Type"] == "application/json"
@@ -285,41 +301,69 @@ def test_sandbox_accepts_a_signed_send_and_sees_the_exact_request(clean_sandbox)
     assert seen.headers["RT-Signature"] == expected
 
 
-def test_sandbox_retry_with_the_same_request_id_is_proven_accepted(clean_sandbox):
-    adapter = sandbox_adapter(clean_sandbox)
-    msg = fresh_msg(to=sandbox_iccid(clean_sandbox))
-    first, again = send(adapter, msg), send(adapter, msg)
-    assert isinstance(first.outcome, Accepted)
-    assert isinstance(again.outcome, Accepted) and again.outcome.detail["proven_by"] == "DUPLICATE_REQUEST"
-    assert [r.response_json.get("code") for r in clean_sandbox.requests("esimfly")] == [None, "DUPLICATE_REQUEST"]
+def test_sandbox_accepts_a_send_addressed_by_esim_id(clean_sandbox):
+    result = send(sandbox_adapter(clean_sandbox), fresh_msg(to="", esim_id=42))
+    assert isinstance(result.outcome, Accepted), result.outcome
+    (seen,) = clean_sandbox.requests("esimfly")
+    assert seen.json == {"esimId": 42, "message": SEED_TEXT}
+
+
+def test_sandbox_retry_of_an_ambiguous_attempt_is_proven_accepted_by_duplicate_request(clean_sandbox):
+    clean_sandbox.set_faults("esimfly", hang_next=1, hang_ms=400)
+    adapter, msg = sandbox_adapter(clean_sandbox), fresh_msg()
+    first = send(adapter, msg, timeout=0.1)
+    assert isinstance(first.outcome, RetryLater) and first.outcome.ambiguous
+    wait_until_answered(clean_sandbox, count=1)  # the first attempt did arrive and was sent
+    again = send(adapter, msg)  # the dispatcher reuses the attempt key after an ambiguous failure
+    assert isinstance(again.outcome, Accepted), again.outcome
+    assert again.outcome.detail["proven_by"] == "DUPLICATE_REQUEST"
+    codes = [(r.status, (r.response_json or {}).get("code")) for r in clean_sandbox.requests("esimfly")]
+    assert codes == [(200, None), (409, "DUPLICATE_REQUEST")]
+
+
+def test_sandbox_refuses_an_esim_without_sms_for_good(clean_sandbox):
+    result = send(sandbox_adapter(clean_sandbox), fresh_msg(to=SMS_NOT_SUPPORTED_ICCID))
+    assert result.outcome == Rejected(code="SMS_NOT_SUPPORTED", message="SMS is not supported for this eSIM")
 
 
 def test_sandbox_refuses_a_wrong_secret_for_good(clean_sandbox):
-    creds = clean_sandbox.credentials("esimfly")
-    adapter = make_adapter(clean_sandbox.base_url("esimfly"), creds["access_code"], "sk_wrong", clock=time.time)
-    result = send(adapter, fresh_msg(to=sandbox_iccid(clean_sandbox)))
-    assert result.outcome == Rejected(code="INVALID_SIGNATURE", message=result.outcome.message)
+    result = send(sandbox_adapter(clean_sandbox, secret_key="sk_wrong"), fresh_msg())
+    assert isinstance(result.outcome, Rejected) and result.outcome.code == "INVALID_SIGNATURE"
+
+
+def test_sandbox_delivery_failure_is_retried_later(clean_sandbox):
+    result = send(sandbox_adapter(clean_sandbox), fresh_msg(to=SMS_FAILED_ICCID))
+    assert isinstance(result.outcome, RetryLater) and result.outcome.code == "SMS_FAILED"
 
 
 def test_sandbox_server_error_is_retried_later(clean_sandbox):
     clean_sandbox.set_faults("esimfly", fail_next=1)
-    result = send(sandbox_adapter(clean_sandbox), fresh_msg(to=sandbox_iccid(clean_sandbox)))
+    result = send(sandbox_adapter(clean_sandbox), fresh_msg())
     assert isinstance(result.outcome, RetryLater) and result.http_status == 500
+    assert not result.outcome.ambiguous
 
 
-def test_sandbox_rate_limit_pauses_until_the_window_resets(clean_sandbox):
-    clean_sandbox.configure("esimfly", rate_limit=1, rate_window=60)
+@pytest.mark.parametrize("reset_format", ["unix", "iso"])
+def test_sandbox_rate_limit_pauses_until_the_window_resets(clean_sandbox, reset_format):
+    window_start = (time.time() // 60) * 60
+    now = lambda: window_start + 30.0  # noqa: E731  one clock for the twin and the signer
+    clean_sandbox.settings("esimfly").clock = now
+    clean_sandbox.configure("esimfly", rate_limit=1, rate_window=60, extra={"reset_format": reset_format})
     adapter = sandbox_adapter(clean_sandbox)
-    iccid = sandbox_iccid(clean_sandbox)
-    first = send(adapter, fresh_msg(to=iccid))
-    second = send(adapter, fresh_msg(to=iccid))
+    adapter.clock = now
+    first, second = send(adapter, fresh_msg()), send(adapter, fresh_msg())
     assert isinstance(first.outcome, Accepted)
+    assert (first.rate.remaining, first.rate.pause_until) == (0, window_start + 60)
     assert isinstance(second.outcome, RetryLater) and second.http_status == 429
-    assert second.outcome.code == "RATE_LIMIT_EXCEEDED"
-    assert second.outcome.retry_at == pytest.approx(second.rate.pause_until)
-    assert second.outcome.retry_at > time.time()
+    assert (second.outcome.code, second.outcome.retry_at) == ("RATE_LIMIT_EXCEEDED", window_start + 60)
+    assert second.rate.pause_until == window_start + 60
 
 
-def sandbox_iccid(sandbox) -> str:
-    """An ICCID the twin knows and that takes SMS."""
-    return SEED_ICCID
+def wait_until_answered(sandbox, count: int, deadline_s: float = 5.0) -> None:
+    """Poll the sandbox log until `count` esimfly requests carry an answer."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if sum(1 for r in sandbox.requests("esimfly") if r.status is not None) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the sandbox answered fewer than {count} esimfly requests within {deadline_s} s")

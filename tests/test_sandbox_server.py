@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import aiohttp
@@ -175,12 +176,25 @@ def test_a_second_sandbox_gets_its_own_port_and_stops_cleanly():
         httpx.get(other.url + "/_sandbox/info")
 
 
+def read_lines(stream, count: int, timeout: float) -> list[str]:
+    """`count` lines from a child's stdout, or fail after `timeout` seconds."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    got = []
+    while len(got) < count:
+        try:
+            got.append(lines.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            pytest.fail(f"serve() printed only {got!r} in {timeout} s")
+    return got
+
+
 def test_serve_prints_each_kind_and_stops_on_sigterm():
     code = "from dispatcher.sandbox.server import serve; serve(port=0)"
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(len(KINDS) + 1)]
+        lines = read_lines(proc.stdout, len(KINDS) + 1, timeout=15)
         printed = {line.split()[0]: line for line in lines[:-1]}
         assert set(printed) == set(KINDS)
         assert "api_key=sandbox-emsgnow-key" in printed["emsgnow"]

@@ -108,7 +108,8 @@ class EsimAccessAdapter(Adapter):
         if not isinstance(iccid, str) or not _ICCID.match(iccid):
             raise InvalidOption("iccid", "must be an ICCID: 18-22 digits starting with 89")
         if to not in (None, "", iccid):
-            raise InvalidAddress("to", "give either an esimTranNo in to or iccid, not both (with iccid, to may be empty)")
+            rule = "give either an esimTranNo in to or iccid, not both (with iccid, to may be empty)"
+            raise InvalidAddress("to", rule)
 
     def auth(self) -> httpx.Auth:
         access_code, secret_key = self.account.get("access_code"), self.account.get("secret_key")
@@ -140,7 +141,8 @@ class EsimAccessAdapter(Adapter):
         )
         if status == 429 or status >= 500:
             signal = self.read_rate(response)
-            return RetryLater(code=code or f"http_{status}", message=text, retry_at=signal.pause_until if signal else None)
+            retry_at = signal.pause_until if signal else None
+            return RetryLater(code=code or f"http_{status}", message=text, retry_at=retry_at)
         if 200 <= status < 300 and data.get("success") is True:
             obj = data.get("obj")
             return Accepted(detail={"obj": obj} if obj is not None else {})

@@ -23,6 +23,8 @@
     RequestID answered with DUPLICATE_REQUEST proves the first attempt arrived. Sending again
     under a new id would risk a second SMS, so the message counts as accepted, with
     `detail["proven_by"] = "DUPLICATE_REQUEST"` to show the first answer itself was never seen.
+    DUPLICATE_REQUEST proves arrival, not success: had the lost first answer been SMS_FAILED or
+    ESIM_NOT_FOUND, the message is still marked accepted (validate() screens malformed ICCIDs).
   - every other documented code (bad input, unknown or foreign eSIM, bad credentials or
     signature) -> Rejected; an undocumented code follows its HTTP status.
 * Rate: published 1000/hour; X-RateLimit-Limit/Remaining/Reset, Reset given as ISO 8601 or as a
@@ -104,7 +106,8 @@ class EsimflyAdapter(Adapter):
         if esim_id is None:
             raise InvalidOption("esim_id", "must be a positive integer (the eSIM id esimfly assigned)")
         if to not in (None, "", str(esim_id)):
-            raise InvalidAddress("to", "give either an ICCID in to or esim_id, not both (with esim_id, to may be empty)")
+            rule = "give either an ICCID in to or esim_id, not both (with esim_id, to may be empty)"
+            raise InvalidAddress("to", rule)
 
     def auth(self) -> httpx.Auth:
         return RtHmacAuth(

@@ -1,0 +1,116 @@
+"""Delivery status: poll the providers that have a status endpoint and backfill events.
+
+A beat task runs `poll()`: it takes the accepted messages whose next poll is due (their
+`due_at`), asks each provider (concurrently, on the process's event loop), stores each
+provider event once (unique per message and event id), and moves the message to the status
+of its latest event. Final statuses never move back. Poll cadence backs off with age: the
+next poll comes a quarter of the message's age later (at least `poll_first`, at most
+`poll_max_interval`); past `poll_max_age` without a final status the message becomes
+`unknown`. Kinds without a status endpoint (esimfly, eSIM Access) never enter this loop:
+their `accepted` is the last thing the dispatcher can know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Callable
+
+import httpx
+from sqlalchemy import select
+
+from . import runtime, transport
+from .config import Settings
+from .dispatch import outbound
+from .providers.base import DeliveryEvent
+from .store import queries
+from .store.db import ensure_schema, session_scope
+from .store.models import ACCEPTED, CANCELLED, DELIVERED, EXPIRED, FAILED, UNKNOWN, Message, utcnow
+
+log = logging.getLogger("dispatcher.status")
+BATCH = 500
+_FINAL_BY_EVENT = {"delivered": DELIVERED, "failed": FAILED, "expired": EXPIRED, "cancelled": CANCELLED}
+
+
+@dataclass
+class PollReport:
+    polled: int = 0
+    requests: int = 0
+    new_events: int = 0
+    finished: int = 0
+    gave_up: int = 0
+
+
+def next_poll(accepted_at: datetime, now: datetime, s: Settings) -> datetime:
+    age = (now - accepted_at).total_seconds()
+    return now + timedelta(seconds=min(max(age / 4.0, s.poll_first), s.poll_max_interval))
+
+
+def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = utcnow) -> PollReport:
+    s = settings or runtime.settings()
+    ensure_schema(s.database_url)
+    now = clock()
+    report = PollReport()
+    with session_scope(s.database_url) as db:
+        due = list(db.execute(
+            select(Message).where(Message.status == ACCEPTED, Message.due_at.is_not(None), Message.due_at <= now)
+            .order_by(Message.due_at).limit(BATCH)
+        ).scalars())
+    if not due:
+        return report
+    report.polled = len(due)
+    fetched = transport.run(lambda: _fetch_all(due), s.in_flight)
+    now = clock()
+    with session_scope(s.database_url) as db:
+        for m, events in zip(due, fetched):
+            report.requests += 1
+            if isinstance(events, BaseException):
+                log.info("status poll of %s failed: %s", m.id, type(events).__name__)
+                events = []
+            report.new_events += queries.add_events(db, m.id, [_row(e) for e in events])
+            final = _final_status(events)
+            if final is not None:
+                if queries.set_status(db, m.id, [ACCEPTED], {"status": final, "finished_at": now, "updated_at": now,
+                                                              "due_at": None, "provider_status": events[-1].provider_status}):
+                    report.finished += 1
+            elif m.accepted_at and (now - m.accepted_at).total_seconds() > s.poll_max_age:
+                queries.set_status(db, m.id, [ACCEPTED], {
+                    "status": UNKNOWN, "finished_at": now, "updated_at": now, "due_at": None,
+                    "error_code": "no_final_status",
+                    "error": f"no final delivery status after {s.poll_max_age / 3600:g} h of polling"})
+                report.gave_up += 1
+            else:
+                values = {"due_at": next_poll(m.accepted_at or now, now, s), "updated_at": now}
+                if events:
+                    values["provider_status"] = events[-1].provider_status
+                queries.set_status(db, m.id, [ACCEPTED], values)
+    return report
+
+
+async def _fetch_all(messages: list[Message]) -> list[list[DeliveryEvent] | BaseException]:
+    loop = transport.process_loop()
+    client, slots = loop.client(), loop.slots()
+
+    async def one(m: Message) -> list[DeliveryEvent]:
+        adapter = runtime.adapter_for(m.provider)
+        msg = outbound(m)
+        async with slots:
+            response = await client.send(adapter.build_status_request(msg), auth=adapter.auth() or httpx.USE_CLIENT_DEFAULT)
+            await response.aread()
+        return adapter.parse_status(response, msg)
+
+    return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+
+
+def _final_status(events: list[DeliveryEvent]) -> str | None:
+    for e in reversed(events):
+        if e.status in _FINAL_BY_EVENT:
+            return _FINAL_BY_EVENT[e.status]
+    return None
+
+
+def _row(e: DeliveryEvent) -> dict:
+    return {"event_id": e.event_id, "status": e.status, "provider_status": e.provider_status,
+            "occurred_at": e.occurred_at, "recorded_at": utcnow(), "detail": e.detail or {}}
