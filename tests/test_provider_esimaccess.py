@@ -208,14 +208,18 @@ def test_success_has_no_provider_ref():
     assert make_adapter().parse_response(answer(200, envelope(success=True)), make_msg()) == Accepted()
 
 
-@pytest.mark.parametrize("retry_after,expected",
-                         [("7", time.time() + 7), ("Wed, 01 Jan 2030 12:00:00 GMT", 1893499200.0)])
-def test_429_retries_after_the_stated_time(retry_after, expected):
-    response = answer(429, envelope("900001", "Too many requests"), {"Retry-After": retry_after})
+def test_429_retries_after_the_stated_seconds():
+    response = answer(429, envelope("900001", "Too many requests"), {"Retry-After": "7"})
     adapter = make_adapter()
     outcome = adapter.parse_response(response, make_msg())
-    assert outcome.retry_at == pytest.approx(expected, abs=2.0)
-    assert adapter.read_rate(response).pause_until == pytest.approx(expected, abs=2.0)
+    assert outcome.retry_at == pytest.approx(time.time() + 7, abs=1.0)
+    assert adapter.read_rate(response).pause_until == pytest.approx(time.time() + 7, abs=1.0)
+
+
+def test_429_retries_at_the_stated_http_date():
+    response = answer(429, envelope("900001", "Too many requests"), {"Retry-After": "Tue, 01 Jan 2030 12:00:00 GMT"})
+    outcome = make_adapter().parse_response(response, make_msg())
+    assert outcome.retry_at == 1893499200.0
 
 
 # --------------------------------------------------------------------------- against the sandbox
