@@ -75,8 +75,9 @@ class RateStorage(ABC):
         """Grant up to n instants no later than now + horizon_us; n = 0 only looks."""
 
     @abstractmethod
-    def extend_pause(self, account: str, until_ms: int) -> PauseState:
-        """Hold every grant until `until_ms`, unless a later pause already holds."""
+    def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
+        """Hold every grant until `until_ms` (at most `longest_ms` from now), unless a later
+        pause already holds."""
 
     @abstractmethod
     def read_pause(self, account: str) -> int:
@@ -124,9 +125,9 @@ class RedisRateStorage(RateStorage):
         now, granted, next_free, pause_ms = (int(v) for v in reply[:4])
         return Grant(now, tuple(int(v) for v in reply[4 : 4 + granted]), next_free, pause_ms)
 
-    def extend_pause(self, account: str, until_ms: int) -> PauseState:
+    def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
         with _unavailable_on_redis_errors(f"pausing {account!r}"):
-            pause_ms, extended = self._pause(keys=[keys.rate_pause(account)], args=[until_ms])
+            pause_ms, extended = self._pause(keys=[keys.rate_pause(account)], args=[until_ms, longest_ms])
         return PauseState(int(pause_ms), bool(extended))
 
     def read_pause(self, account: str) -> int:
@@ -170,8 +171,9 @@ class MemoryRateStorage(RateStorage):
         with self._lock:
             return plan_slots(self._accounts.setdefault(account, _AccountState()), rule, n, horizon_us, now)
 
-    def extend_pause(self, account: str, until_ms: int) -> PauseState:
+    def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
         now_ms = int(self.clock() * 1000)
+        until_ms = min(until_ms, now_ms + longest_ms)
         with self._lock:
             state = self._accounts.setdefault(account, _AccountState())
             current = state.pause_ms if state.pause_ms > now_ms else 0

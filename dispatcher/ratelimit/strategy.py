@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -50,7 +49,7 @@ from .storage import Grant, RateStorage, RedisRateStorage, SlotRule
 
 log = logging.getLogger("dispatcher.ratelimit")
 
-DEFAULT_MARGIN_RATIO = 0.02  # of the limit's period, added to the window
+DEFAULT_MARGIN_RATIO = 0.0  # of the limit's period, added to the window
 DEFAULT_MAX_MARGIN = 1.0  # seconds: the margin never exceeds this
 DEFAULT_MAX_PAUSE = 86400.0  # seconds: a provider's pause request is clamped to this
 
@@ -126,12 +125,14 @@ class RateLimiter:
     def pause(self, account: str, until: float) -> float | None:
         """Grant nothing for `account` before `until` (epoch seconds); extend-only.
 
+        A pause never reaches further than `max_pause` seconds ahead on the storage's clock.
         Returns the pause end in force afterwards (None when none: `until` already passed).
         """
-        until = min(until, time.time() + self.max_pause)
-        state = self.storage.extend_pause(account, math.ceil(until * 1000))
+        wanted_ms = math.ceil(until * 1000)
+        state = self.storage.extend_pause(account, wanted_ms, math.ceil(self.max_pause * 1000))
         if state.extended:
-            log.warning("rate limit: account %s paused until %s", account, _iso(state.pause_ms / 1000))
+            clamped = " (clamped to max_pause)" if state.pause_ms < wanted_ms else ""
+            log.warning("rate limit: account %s paused until %s%s", account, _iso(state.pause_ms / 1000), clamped)
         return state.pause_ms / 1000 if state.pause_ms else None
 
     def paused_until(self, account: str) -> float | None:

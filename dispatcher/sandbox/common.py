@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
+import random
 import string
 import time
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ def request_key(name: str, kind: type) -> Any:
 PARSED_BODY_KEY = request_key("parsed_body", tuple)
 
 _ID_ALPHABET = string.ascii_letters + string.digits
+_IDS = random.Random()  # ids need to be unique and random-looking, not secret: this is ~50x cheaper
 
 
 @dataclass
@@ -111,7 +112,18 @@ def seconds_until(moment: float, now: float) -> int:
 
 def random_id(length: int = 20) -> str:
     """A random id of letters and digits, like Firestore document ids."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+    return "".join(_IDS.choices(_ID_ALPHABET, k=length))
+
+
+def random_hex(length: int = 16) -> str:
+    """A random id of `length` lowercase hex digits."""
+    return f"{_IDS.getrandbits(4 * length):0{length}x}"
+
+
+def random_uuid() -> str:
+    """A random (version 4 shaped) UUID string."""
+    h = random_hex(32)
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) % 4]}{h[17:20]}-{h[20:]}"
 
 
 def utc_iso(epoch: float, *, millis: bool = True) -> str:

@@ -31,7 +31,6 @@ an unknown templateId is accepted and stored with `message` null.
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -43,6 +42,7 @@ from .common import (
     FixedWindow,
     KindSettings,
     json_response,
+    random_hex,
     random_id,
     read_json,
     request_key,
@@ -241,9 +241,9 @@ async def _send(request: web.Request, settings: KindSettings, state: EmsgnowStat
         not_before, not_after = _validate(body)
     except BadRequest as exc:
         return json_response({"error": str(exc)}, status=400)
-    tracking_id = secrets.token_hex(8)
+    tracking_id = random_hex(16)
     while tracking_id in state.messages:
-        tracking_id = secrets.token_hex(8)
+        tracking_id = random_hex(16)
     state.messages[tracking_id] = Sms(
         tracking_id=tracking_id,
         api_key=request[API_KEY],
