@@ -1,4 +1,8 @@
-"""The send loop of a worker: load -> claim -> send -> record, for a batch of message ids.
+"""The send loop of a worker: load -> admit -> claim -> send -> record, for a batch of message ids.
+
+`admit` asks the global rate limiter (ratelimit/) for a send instant per message; what cannot
+go within `throttle_wait` is put back in the queue for when its turn comes, holding no worker
+slot and using no attempt. A provider's 429 / rate headers pause the account for every worker.
 
 Every outcome of an attempt is settled in one place, `settle()`:
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,6 +30,8 @@ from typing import Callable, Sequence
 
 from . import runtime, transport
 from .config import Settings
+from .errors import BrokerUnavailable
+from .ratelimit import RateLimiterUnavailable
 from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
 from .redact import mask
 from .retry import backoff
@@ -33,6 +40,7 @@ from .store.db import ensure_schema, session_scope
 from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, UNKNOWN, Message, utcnow
 
 log = logging.getLogger("dispatcher.dispatch")
+REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
 
 
 @dataclass
@@ -59,11 +67,19 @@ def dispatch_batch(
     now = clock()
     with session_scope(s.database_url) as db:
         report.expired = queries.expire_overdue(db, ids, now)
-        claimed = queries.claim(db, ids, now)
+        waiting = queries.load_due(db, ids, now)
+    if not waiting:
+        return report
+    admitted, later = admit(waiting, s)
+    if later:
+        _postpone(later, now, s, enqueue)
+    with session_scope(s.database_url) as db:
+        claimed = queries.claim(db, list(admitted), now)
     report.claimed = len(claimed)
     if not claimed:
         return report
-    results = transport.run(lambda: send_all(claimed), s.in_flight)
+    results = transport.run(lambda: send_all(claimed, admitted), s.in_flight)
+    _learn(claimed, results)
     finished = clock()
     settlements = [settle(m, r, now, finished, s) for m, r in zip(claimed, results)]
     with session_scope(s.database_url) as db:
@@ -77,13 +93,74 @@ def dispatch_batch(
     return report
 
 
-async def send_all(messages: Sequence[Message]) -> list[SendResult | BaseException]:
-    """Send every message concurrently over the process's shared client."""
+def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, float], dict[str, float]]:
+    """Ask the global limiter, once per account, for send instants.
+
+    Returns ({id: time.monotonic() instant to send at}, {id: seconds until it should be tried again}).
+    What cannot go within `throttle_wait` is put back without an attempt counted.
+    """
+    by_account: dict[str, list[str]] = {}
+    for mid, account in waiting:
+        by_account.setdefault(account, []).append(mid)
+    admitted: dict[str, float] = {}
+    later: dict[str, float] = {}
+    for account, mids in by_account.items():
+        rate = s.providers[account].rate_limit if account in s.providers else None
+        try:
+            r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait)
+        except RateLimiterUnavailable as exc:
+            log.warning("rate limiter unreachable (%s); %d message(s) of %s wait", exc, len(mids), account)
+            later.update({mid: REDIS_DOWN_WAIT for mid in mids})
+            continue
+        reserved_at = time.monotonic()
+        admitted.update(zip(mids[: r.granted], (reserved_at + d for d in r.delays)))
+        if r.granted < len(mids):
+            wait = r.retry_after if r.retry_after is not None else s.throttle_wait
+            if r.paused_until is not None:
+                wait = max(wait, r.paused_until - r.server_time)
+                log.info("account %s paused by its provider for %.1fs; %d message(s) wait", account, wait,
+                         len(mids) - r.granted)
+            later.update({mid: max(wait, 0.05) for mid in mids[r.granted :]})
+    return admitted, later
+
+
+def _postpone(later: dict[str, float], now: datetime, s: Settings,
+              enqueue: Callable[[list[str], float], None] | None) -> None:
+    """Throttled messages wait for their turn without a worker slot and without using an attempt."""
+    soon = {mid: w for mid, w in later.items() if w <= s.retry_cap}
+    far = [mid for mid, w in later.items() if w > s.retry_cap]
+    with session_scope(s.database_url) as db:
+        for mid, wait in soon.items():
+            queries.postpone(db, [mid], now, now + timedelta(seconds=wait))
+        for mid in far:  # a long pause: wait in the store, the beat releases them
+            queries.postpone(db, [mid], now, now + timedelta(seconds=later[mid]), status=SCHEDULED)
+    try:
+        _requeue(soon, enqueue)
+    except BrokerUnavailable as exc:
+        log.warning("could not re-enqueue %d throttled message(s) (%s); the beat will", len(soon), exc)
+
+
+def _learn(claimed: Sequence[Message], results: Sequence[SendResult | BaseException]) -> None:
+    """Pass what providers said about their limits to the shared limiter (pauses every worker)."""
+    for m, r in zip(claimed, results):
+        if isinstance(r, SendResult) and r.rate is not None and r.rate.pause_until is not None:
+            try:
+                runtime.limiter().learn(m.provider, r.rate)
+            except RateLimiterUnavailable:
+                log.warning("could not record a provider pause for %s: rate limiter unreachable", m.provider)
+
+
+async def send_all(messages: Sequence[Message], send_at: dict[str, float] | None = None) -> list[SendResult | BaseException]:
+    """Send every message concurrently over the process's shared client, each at its reserved instant."""
     loop = transport.process_loop()
     client, slots = loop.client(), loop.slots()
+    send_at = send_at or {}
 
     async def one(m: Message) -> SendResult:
         adapter = runtime.adapter_for(m.provider)
+        wait = send_at.get(m.id, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         async with slots:
             return await adapter.send(client, outbound(m))
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .config import Settings, load_settings
 from .providers import adapter_class
 from .providers.base import Adapter
+
+if TYPE_CHECKING:
+    from .ratelimit import RateLimiter
 
 _lock = threading.Lock()
 _settings: Settings | None = None
@@ -28,6 +32,21 @@ def configure(new: Settings | None) -> None:
     with _lock:
         _settings = new
     adapter_for.cache_clear()
+
+
+_limiters: dict[tuple[str, int], "RateLimiter"] = {}
+
+
+def limiter() -> "RateLimiter":
+    """This process's rate limiter over the shared Redis."""
+    import os
+
+    from .ratelimit import RateLimiter
+
+    key = (settings().redis_url, os.getpid())
+    if key not in _limiters:
+        _limiters[key] = RateLimiter.from_url(settings().redis_url)
+    return _limiters[key]
 
 
 @lru_cache(maxsize=256)

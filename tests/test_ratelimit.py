@@ -18,7 +18,6 @@ import uuid
 
 import httpx
 import pytest
-import redis
 
 from dispatcher import keys
 from dispatcher.config import parse_rate_limit

@@ -79,7 +79,7 @@ _CODE_BY_STATUS = {400: "invalid_request", 401: "auth_failed", 403: "forbidden",
 
 
 # --------------------------------------------------------------------------- the token cache
-class _TokenSlot:
+class TokenSlot:
     """The auth token of one account in this process, and the locks that guard its renewal."""
 
     def __init__(self) -> None:
@@ -101,20 +101,20 @@ class _TokenSlot:
             return lock
 
     def __repr__(self) -> str:
-        return f"_TokenSlot(token={'***' if self.token else None}, renewals={self.renewals})"
+        return f"TokenSlot(token={'***' if self.token else None}, renewals={self.renewals})"
 
 
-_slots: dict[tuple[str, str], _TokenSlot] = {}
+_slots: dict[tuple[str, str], TokenSlot] = {}
 _slots_guard = threading.Lock()
 
 
-def token_slot(base_url: str, application_token: str) -> _TokenSlot:
+def token_slot(base_url: str, application_token: str) -> TokenSlot:
     """The process-wide slot of one account, keyed by API root and a digest of its token."""
     key = (base_url, hashlib.sha256(application_token.encode()).hexdigest())
     with _slots_guard:
         slot = _slots.get(key)
         if slot is None:
-            slot = _slots[key] = _TokenSlot()
+            slot = _slots[key] = TokenSlot()
         return slot
 
 
@@ -136,7 +136,7 @@ class EmnifyAuth(httpx.Auth):
 
     requires_response_body = True
 
-    def __init__(self, base_url: str, application_token: str, slot: _TokenSlot | None = None) -> None:
+    def __init__(self, base_url: str, application_token: str, slot: TokenSlot | None = None) -> None:
         self._base_url = base_url
         self._application_token = application_token
         self.slot = slot or token_slot(base_url, application_token)

@@ -49,7 +49,7 @@ from .storage import Grant, RateStorage, RedisRateStorage, SlotRule
 
 log = logging.getLogger("dispatcher.ratelimit")
 
-DEFAULT_MARGIN_RATIO = 0.0  # of the limit's period, added to the window
+DEFAULT_MARGIN_RATIO = 0.02  # of the limit's period, added to the window
 DEFAULT_MAX_MARGIN = 1.0  # seconds: the margin never exceeds this
 DEFAULT_MAX_PAUSE = 86400.0  # seconds: a provider's pause request is clamped to this
 

@@ -72,6 +72,11 @@ def default_settings() -> KindSettings:
     )
 
 
+def fault_body(status: int, message: str) -> dict[str, Any]:
+    """An injected failure in eMsgNow's error shape."""
+    return {"error": message}
+
+
 class BadRequest(ValueError):
     """A validation failure; its text is the `error` of the 400 reply."""
 
@@ -87,7 +92,7 @@ class Sms:
     created: float
     start: float  # when "processing" happens
     not_after: float | None
-    event_ids: tuple[str, str, str] = field(default_factory=lambda: (random_id(), random_id(), random_id()))
+    event_ids: list[str] = field(default_factory=list)  # drawn on first read, then fixed
 
     def timeline(self, step: float) -> list[tuple[str, float]]:
         """Every (status, time) this message goes through, due or not."""
@@ -103,6 +108,8 @@ class Sms:
         return [self.event(i, status, at) for i, (status, at) in enumerate(due)]
 
     def event(self, index: int, status: str, at: float) -> dict[str, Any]:
+        while len(self.event_ids) <= index:
+            self.event_ids.append(random_id())
         return {
             "id": self.event_ids[index],
             "message": {
