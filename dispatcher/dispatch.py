@@ -1,4 +1,4 @@
-"""The send loop of a worker: load -> admit -> claim -> send -> record, for a batch of message ids.
+"""The send loop of a worker: claim -> admit -> send -> record, for a batch of message ids.
 
 `admit` asks the global rate limiter (ratelimit/) for a send instant per message; what cannot
 go within `throttle_wait` is put back in the queue for when its turn comes, holding no worker
@@ -29,9 +29,9 @@ from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
 from . import runtime, transport
-from .config import Settings
+from .config import RateLimit, Settings
 from .errors import BrokerUnavailable
-from .ratelimit import RateLimiterUnavailable
+from .ratelimit import RateLimiterUnavailable, rule_for
 from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
 from .redact import mask
 from .retry import backoff
@@ -41,6 +41,8 @@ from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED
 
 log = logging.getLogger("dispatcher.dispatch")
 REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
+MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit instant
+BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
 
 
 @dataclass
@@ -67,18 +69,28 @@ def dispatch_batch(
     now = clock()
     with session_scope(s.database_url) as db:
         report.expired = queries.expire_overdue(db, ids, now)
-        waiting = queries.load_due(db, ids, now)
-    if not waiting:
+        claimed = queries.claim(db, ids, now)
+    if not claimed:
         return report
-    admitted, later = admit(waiting, s)
+    claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
+    transport.warm_up(s.in_flight)
+    for m in claimed:
+        runtime.adapter_for(m.provider)
+    # Reserve send instants only now that the claim is committed, so that they start at once:
+    # a send that goes later than its reserved instant would crowd the next one at the provider.
+    send_at, later = admit([(m.id, m.provider) for m in claimed], s)
     if later:
+        claimed = [m for m in claimed if m.id in send_at]
         _postpone(later, now, s, enqueue)
-    with session_scope(s.database_url) as db:
-        claimed = queries.claim(db, list(admitted), now)
     report.claimed = len(claimed)
     if not claimed:
         return report
-    results = transport.run(lambda: send_all(claimed, admitted), s.in_flight)
+    results = transport.run(lambda: send_all(claimed, send_at), s.in_flight)
+    missed = {m.id: 0.05 for m, r in zip(claimed, results) if r is MISSED_SLOT}
+    if missed:  # woke too late for its reserved instant: give it back rather than crowd the next
+        _postpone(missed, now, s, enqueue)
+        claimed, results = zip(*[(m, r) for m, r in zip(claimed, results) if r is not MISSED_SLOT]) or ((), ())
+        report.claimed -= len(missed)
     _learn(claimed, results)
     finished = clock()
     settlements = [settle(m, r, now, finished, s) for m, r in zip(claimed, results)]
@@ -93,16 +105,18 @@ def dispatch_batch(
     return report
 
 
-def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, float], dict[str, float]]:
+def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
     """Ask the global limiter, once per account, for send instants.
 
-    Returns ({id: time.monotonic() instant to send at}, {id: seconds until it should be tried again}).
+    Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
+    {id: seconds until it should be tried again}). The lateness allowed is the limiter's
+    jitter margin: a send later than that could crowd the next reserved one at the provider.
     What cannot go within `throttle_wait` is put back without an attempt counted.
     """
     by_account: dict[str, list[str]] = {}
     for mid, account in waiting:
         by_account.setdefault(account, []).append(mid)
-    admitted: dict[str, float] = {}
+    admitted: dict[str, tuple[float, float | None]] = {}
     later: dict[str, float] = {}
     for account, mids in by_account.items():
         rate = s.providers[account].rate_limit if account in s.providers else None
@@ -113,7 +127,8 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, fl
             later.update({mid: REDIS_DOWN_WAIT for mid in mids})
             continue
         reserved_at = time.monotonic()
-        admitted.update(zip(mids[: r.granted], (reserved_at + d for d in r.delays)))
+        slack = None if rate is None else jitter_margin(rate)
+        admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
         if r.granted < len(mids):
             wait = r.retry_after if r.retry_after is not None else s.throttle_wait
             if r.paused_until is not None:
@@ -124,16 +139,23 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, fl
     return admitted, later
 
 
+def jitter_margin(rate: RateLimit) -> float:
+    """How late a send may go after its reserved instant and still keep the provider's count."""
+    rule = rule_for(rate)
+    return max(rule.window_us / 1e6 - rate.period * rule.cap / rate.count, 0.0)
+
+
 def _postpone(later: dict[str, float], now: datetime, s: Settings,
               enqueue: Callable[[list[str], float], None] | None) -> None:
-    """Throttled messages wait for their turn without a worker slot and without using an attempt."""
-    soon = {mid: w for mid, w in later.items() if w <= s.retry_cap}
-    far = [mid for mid, w in later.items() if w > s.retry_cap]
+    """Throttled messages are given back (`sending -> queued`, no attempt counted) to wait for
+    their turn without a worker slot; a long provider pause waits in the store as `scheduled`."""
+    soon = {mid: w for mid, w in later.items() if w <= BROKER_WAIT_MAX}
+    far = [mid for mid, w in later.items() if w > BROKER_WAIT_MAX]
     with session_scope(s.database_url) as db:
-        for mid, wait in soon.items():
-            queries.postpone(db, [mid], now, now + timedelta(seconds=wait))
-        for mid in far:  # a long pause: wait in the store, the beat releases them
-            queries.postpone(db, [mid], now, now + timedelta(seconds=later[mid]), status=SCHEDULED)
+        for mid, wait in later.items():
+            queries.unclaim(db, [mid], now, now + timedelta(seconds=wait))
+        if far:  # the beat releases them when the pause is over
+            queries.postpone(db, far, now, now + timedelta(seconds=max(later[m] for m in far)), status=SCHEDULED)
     try:
         _requeue(soon, enqueue)
     except BrokerUnavailable as exc:
@@ -150,17 +172,22 @@ def _learn(claimed: Sequence[Message], results: Sequence[SendResult | BaseExcept
                 log.warning("could not record a provider pause for %s: rate limiter unreachable", m.provider)
 
 
-async def send_all(messages: Sequence[Message], send_at: dict[str, float] | None = None) -> list[SendResult | BaseException]:
-    """Send every message concurrently over the process's shared client, each at its reserved instant."""
+async def send_all(
+    messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None
+) -> list[SendResult | BaseException | object]:
+    """Send every message concurrently over the process's shared client, each at its reserved
+    instant; one that wakes later than its allowed lateness is not sent (MISSED_SLOT)."""
     loop = transport.process_loop()
     client, slots = loop.client(), loop.slots()
     send_at = send_at or {}
 
-    async def one(m: Message) -> SendResult:
+    async def one(m: Message) -> SendResult | object:
         adapter = runtime.adapter_for(m.provider)
-        wait = send_at.get(m.id, 0.0) - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        at, slack = send_at.get(m.id, (0.0, None))
+        if at - time.monotonic() > 0:
+            await asyncio.sleep(at - time.monotonic())
+        if slack is not None and time.monotonic() > at + slack:
+            return MISSED_SLOT
         async with slots:
             return await adapter.send(client, outbound(m))
 
@@ -218,7 +245,7 @@ def settle(
                      error=f"not_after passes before the next attempt could go; last: {outcome.code}")
         else:
             # A short wait rides a Celery countdown; a long one waits in the store for the beat.
-            v.update(status=QUEUED if delay <= s.retry_cap else SCHEDULED, due_at=due)
+            v.update(status=QUEUED if delay <= BROKER_WAIT_MAX else SCHEDULED, due_at=due)
             if not outcome.ambiguous:
                 v["attempt_key"] = str(uuid.uuid4())
     else:  # pragma: no cover - the Outcome union is closed

@@ -96,5 +96,16 @@ def close_process_loop() -> None:
         loop.close()
 
 
+def warm_up(in_flight: int = 256) -> None:
+    """Create the loop and its client now (TLS context, aiohttp session): not in a timed send."""
+    loop = process_loop(in_flight)
+
+    async def touch() -> None:
+        loop.client()
+        loop.slots()
+
+    loop.run(touch)
+
+
 def run(factory: Callable[[], Awaitable[Any]], in_flight: int = 256) -> Any:
     return process_loop(in_flight).run(factory)

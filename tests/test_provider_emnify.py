@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
 import pytest
 
 from dispatcher.config import ProviderAccount
-from dispatcher.errors import InvalidAddress, MissingField, TextTooLong
+from dispatcher.errors import InvalidAddress, InvalidOption, MissingField, TextTooLong
 from dispatcher.providers import adapter_class
 from dispatcher.providers.base import Accepted, OutboundMessage, Rejected, RetryLater
 from dispatcher.providers.emnify import (
     AUTH_PATH,
+    AuthenticationFailed,
     EmnifyAdapter,
     EmnifyAuth,
     TokenSlot,
@@ -79,6 +81,18 @@ def test_validate_refuses_a_to_that_is_not_an_endpoint_id(to):
 def test_validate_accepts_an_endpoint_id_and_takes_source_address_from_the_account():
     make_adapter().validate("12345", "hi", {})
     make_adapter(source=None).validate("12345", "hi", {"source_address": "ACME"})
+
+
+@pytest.mark.parametrize("source", ["Way Too Long Sender", "+1234567890123456", "ACME!", True, 1.5])
+def test_validate_refuses_a_source_address_no_handset_could_show(source):
+    with pytest.raises(InvalidOption) as err:
+        make_adapter(source=None).validate("12345", "hi", {"source_address": source})
+    assert err.value.field == "source_address"
+
+
+@pytest.mark.parametrize("source", ["12345689", "+491701234567", "ACME Alerts", 12345])
+def test_validate_accepts_sender_numbers_and_short_names(source):
+    make_adapter(source=None).validate("12345", "hi", {"source_address": source})
 
 
 def test_validate_requires_a_source_address_from_message_or_account():
@@ -223,6 +237,41 @@ def test_async_flow_is_the_same_flow_and_survives_a_new_event_loop():
     assert slot.token == "jwt-b"
 
 
+def test_each_event_loop_gets_its_own_lock_so_a_finished_loop_breaks_nothing():
+    slot = TokenSlot()
+
+    async def contend() -> asyncio.Lock:
+        lock = slot.loop_lock()
+        async with lock:
+            waiter = asyncio.create_task(lock.acquire())  # contention binds the lock to this loop
+            await asyncio.sleep(0)
+        await waiter
+        lock.release()
+        return lock
+
+    first, second = asyncio.run(contend()), asyncio.run(contend())
+    assert first is not second
+
+
+def test_requests_queued_behind_a_failed_authentication_give_up_with_its_outcome():
+    async def main():
+        slot = TokenSlot()
+        auth = EmnifyAuth(BASE, APP_TOKEN, slot=slot)
+        first, second = auth.async_auth_flow(sms_request()), auth.async_auth_flow(sms_request())
+        authenticate = await first.__anext__()  # holds the lock while its exchange is in flight
+        waiting = asyncio.create_task(second.__anext__())
+        await asyncio.sleep(0)  # the second flow now waits on the lock
+        with pytest.raises(StopAsyncIteration):
+            await first.asend(reply(authenticate, 401, err("invalid_application_token", "revoked")))
+        with pytest.raises(AuthenticationFailed) as failed:
+            await waiting
+        return failed.value.outcome, slot
+
+    outcome, slot = asyncio.run(main())
+    assert isinstance(outcome, Rejected) and outcome.code == "auth_failed" and "revoked" in outcome.message
+    assert (slot.token, slot.failures) == (None, 1)
+
+
 # --------------------------------------------------------------------------- the answer table
 SMS_URL = BASE + "/api/v1/endpoint/12345/sms"
 
@@ -317,7 +366,8 @@ def test_status_ids_map_to_normalized_events_with_stable_ids(status_id, descript
     adapter, msg = make_adapter(), make_msg(provider_ref="12345/678")
     events = adapter.parse_status(status_answer(status_id, description, submit_date="2024-05-01T10:00:00Z",
                                                 final_date="2024-05-01T10:01:00Z"), msg)
-    assert [(e.event_id, e.status, e.provider_status) for e in events] == [(f"678:{status_id}", normalized, description)]
+    assert [(e.event_id, e.status, e.provider_status) for e in events] == [
+        (f"678:{status_id}", normalized, description)]
     assert events[0].occurred_at is not None
 
 
@@ -330,5 +380,213 @@ def test_status_request_asks_for_the_last_part_of_the_message():
 
 def test_a_status_answer_that_is_not_an_sms_gives_no_events():
     request = httpx.Request("GET", SMS_URL + "/678")
-    assert make_adapter().parse_status(reply(request, 404, {"message": "nope"}), make_msg(provider_ref="12345/678")) == []
-    assert make_adapter().parse_status(reply(request, 200, {"id": 678}), make_msg(provider_ref="12345/678")) == []
+    msg = make_msg(provider_ref="12345/678")
+    assert make_adapter().parse_status(reply(request, 404, {"message": "nope"}), msg) == []
+    assert make_adapter().parse_status(reply(request, 200, {"id": 678}), msg) == []
+
+
+# --------------------------------------------------------------------------- against the sandbox, over HTTP
+KIND = "emnify"
+
+
+def sandbox_adapter(sb, **fields) -> EmnifyAdapter:
+    values = {**sb.credentials(KIND), "source_address": "12345689", **fields}
+    account = ProviderAccount(name="iot", kind=KIND, base_url=sb.base_url(KIND), fields=values,
+                              secret_fields=EmnifyAdapter.secret_fields())
+    return EmnifyAdapter(account)
+
+
+def send_all(adapter: EmnifyAdapter, *msgs: OutboundMessage, make_client=lambda: httpx.AsyncClient(trust_env=False)):
+    async def go():
+        async with make_client() as client:
+            return await asyncio.gather(*(adapter.send(client, m) for m in msgs))
+
+    return asyncio.run(go())
+
+
+def status_of(adapter: EmnifyAdapter, msg: OutboundMessage):
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            response = await client.send(adapter.build_status_request(msg), auth=adapter.auth())
+            await response.aread()
+            return adapter.parse_status(response, msg)
+
+    return asyncio.run(go())
+
+
+def cancel(adapter: EmnifyAdapter, msg: OutboundMessage) -> bool:
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return await adapter.cancel(client, msg)
+
+    return asyncio.run(go())
+
+
+def shift_twin_clock(sb, seconds: float) -> None:
+    sb.settings(KIND).clock = lambda: time.time() + seconds
+
+
+def authentications(sb) -> int:
+    return sum(1 for r in sb.requests(KIND) if r.path == AUTH_PATH)
+
+
+def test_sandbox_send_authenticates_then_posts_the_sms_with_the_token(clean_sandbox):
+    sb = clean_sandbox
+    [result] = send_all(sandbox_adapter(sb), make_msg())
+    auth_call, sms_call = sb.requests(KIND)
+    assert (auth_call.method, auth_call.path, auth_call.json) == (
+        "POST", AUTH_PATH, {"application_token": sb.credentials(KIND)["application_token"]})
+    token = auth_call.response_json["auth_token"]
+    assert (sms_call.method, sms_call.path) == ("POST", "/api/v1/endpoint/12345/sms")
+    assert sms_call.headers["Authorization"] == f"Bearer {token}"
+    assert sms_call.json == {"source_address": "12345689", "payload": "This is the message text"}
+    assert sms_call.status == 201
+    assert isinstance(result.outcome, Accepted) and result.http_status == 201 and result.requests == 2
+    endpoint_id, [sms_id] = split_ref(result.outcome.provider_ref)
+    assert endpoint_id == "12345" and sms_id.isdigit()
+
+
+def test_sandbox_unknown_endpoint_and_bad_source_address_are_rejected(clean_sandbox):
+    adapter = sandbox_adapter(clean_sandbox)
+    missing, bad_source = send_all(adapter, make_msg(to="900001"), make_msg(source="Way Too Long Sender"))
+    assert missing.outcome == Rejected("endpoint_not_found", "Endpoint 900001 not found (error_code 404)")
+    assert isinstance(bad_source.outcome, Rejected) and bad_source.outcome.code == "validation_failed"
+    assert "source_address" in bad_source.outcome.message
+
+
+def test_sandbox_wrong_application_token_is_rejected_after_one_call(clean_sandbox):
+    [result] = send_all(sandbox_adapter(clean_sandbox, application_token="revoked"), make_msg())
+    assert isinstance(result.outcome, Rejected) and result.outcome.code == "auth_failed"
+    assert "application token" in result.outcome.message
+    assert [r.path for r in clean_sandbox.requests(KIND)] == [AUTH_PATH]
+
+
+def test_sandbox_concurrent_sends_with_a_revoked_token_cost_one_authentication(clean_sandbox):
+    adapter = sandbox_adapter(clean_sandbox, application_token="revoked")
+    results = send_all(adapter, *(make_msg(msg_id=f"m{i}") for i in range(20)))
+    assert {(type(r.outcome), r.outcome.code) for r in results} == {(Rejected, "auth_failed")}
+    assert authentications(clean_sandbox) == 1
+
+
+def test_sandbox_a_dropped_authentication_is_retried_and_marked_not_sent(clean_sandbox):
+    clean_sandbox.set_faults(KIND, drop_next=1)
+    results = send_all(sandbox_adapter(clean_sandbox), *(make_msg(msg_id=f"m{i}") for i in range(10)))
+    assert {(type(r.outcome), r.outcome.code, r.outcome.ambiguous) for r in results} == {
+        (RetryLater, "auth_unreachable", False)}
+    assert [r.path for r in clean_sandbox.requests(KIND)] == [AUTH_PATH]
+
+
+def test_sandbox_server_error_is_retried_later(clean_sandbox):
+    sb, adapter = clean_sandbox, sandbox_adapter(clean_sandbox)
+    send_all(adapter, make_msg())  # authenticated: the fault hits the SMS request itself
+    sb.set_faults(KIND, fail_next=1)
+    [result] = send_all(adapter, make_msg())
+    assert isinstance(result.outcome, RetryLater) and result.http_status == 500
+    assert result.outcome.code == "injected_failure"
+
+
+def test_sandbox_429_is_retried_no_sooner_than_retry_after(clean_sandbox):
+    sb = clean_sandbox
+    sb.configure(KIND, rate_limit=1)  # the authentication uses the one request of the window
+    before = time.time()
+    [result] = send_all(sandbox_adapter(sb), make_msg())
+    assert isinstance(result.outcome, RetryLater) and result.outcome.code == "rate_limit_exceeded"
+    assert before + 1 <= result.outcome.retry_at <= time.time() + 301  # the window's end, at most 300 s on
+    assert result.rate is not None and result.rate.pause_until == pytest.approx(result.outcome.retry_at, abs=0.5)
+
+
+@pytest.mark.parametrize("client", ["httpx", "aiohttp"])
+def test_sandbox_fifty_concurrent_sends_authenticate_once(clean_sandbox, client):
+    from dispatcher.transport import make_client
+
+    factory = (lambda: make_client(64)) if client == "aiohttp" else (lambda: httpx.AsyncClient(trust_env=False))
+    results = send_all(sandbox_adapter(clean_sandbox), *(make_msg(msg_id=f"m{i}") for i in range(50)),
+                       make_client=factory)
+    assert all(isinstance(r.outcome, Accepted) for r in results)
+    assert len({r.outcome.provider_ref for r in results}) == 50
+    assert authentications(clean_sandbox) == 1
+
+
+def test_sandbox_expired_token_is_renewed_once_for_all_requests_in_flight(clean_sandbox):
+    sb, adapter = clean_sandbox, sandbox_adapter(clean_sandbox)
+    send_all(adapter, make_msg())
+    shift_twin_clock(sb, 2 * 3600)  # past the token's 1 h lifetime
+    since = sb.last_seq
+    results = send_all(adapter, *(make_msg(msg_id=f"m{i}") for i in range(10)))
+    assert all(isinstance(r.outcome, Accepted) for r in results)
+    later = sb.requests(KIND, since=since)
+    assert sum(1 for r in later if r.path == AUTH_PATH) == 1
+    assert sum(1 for r in later if r.status == 401 and r.response_json["error_token"] == "token_expired") == 10
+    assert sum(1 for r in later if r.status == 201) == 10
+
+
+def test_sandbox_a_token_refused_twice_gives_up_with_auth_failed(clean_sandbox):
+    sb = clean_sandbox
+    sb.configure(KIND, extra={"token_ttl": 0})  # every token is born expired
+    [result] = send_all(sandbox_adapter(sb), make_msg())
+    assert isinstance(result.outcome, Rejected) and result.outcome.code == "auth_failed"
+    assert [(r.path, r.status) for r in sb.requests(KIND)] == [
+        (AUTH_PATH, 200), ("/api/v1/endpoint/12345/sms", 401), (AUTH_PATH, 200), ("/api/v1/endpoint/12345/sms", 401)]
+    assert result.requests == 4
+
+
+def test_sandbox_a_three_part_text_arrives_as_three_requests_with_udhs(clean_sandbox):
+    sb = clean_sandbox
+    [result] = send_all(sandbox_adapter(sb), make_msg(text=GSM_3_PARTS, msg_id="long-1"))
+    parts = [r for r in sb.requests(KIND) if r.path == "/api/v1/endpoint/12345/sms"]
+    ref = f"{concat_ref('long-1'):02X}"
+    assert [p.json["udh"] for p in parts] == [f"050003{ref}0301", f"050003{ref}0302", f"050003{ref}0303"]
+    assert "".join(p.json["payload"] for p in parts) == GSM_3_PARTS
+    assert all(p.status == 201 for p in parts)
+    outcome = result.outcome
+    assert isinstance(outcome, Accepted) and outcome.segments == 3
+    endpoint_id, sms_ids = split_ref(outcome.provider_ref)
+    assert endpoint_id == "12345" and sms_ids == outcome.detail["sms_ids"]
+    assert len(sms_ids) == 3 and sms_ids == sorted(sms_ids, key=int)
+
+
+def test_sandbox_a_ucs2_long_text_is_accepted_part_by_part_with_dcs_8(clean_sandbox):
+    [result] = send_all(sandbox_adapter(clean_sandbox), make_msg(text=UCS2_3_PARTS))
+    assert isinstance(result.outcome, Accepted) and result.outcome.segments == 3
+    parts = [r for r in clean_sandbox.requests(KIND) if r.method == "POST" and r.path != AUTH_PATH]
+    assert [p.json["dcs"] for p in parts] == [8, 8, 8]
+
+
+def test_sandbox_a_failure_after_the_first_part_is_rejected_and_names_the_sent_parts(clean_sandbox):
+    sb = clean_sandbox
+    sb.configure(KIND, rate_limit=2)  # authenticate, part 1, then part 2 meets a 429
+    [result] = send_all(sandbox_adapter(sb), make_msg(text=GSM_3_PARTS))
+    outcome = result.outcome
+    assert isinstance(outcome, Rejected) and outcome.code == "partial_send"
+    assert re.search(r"part 1 was accepted of 3 \(endpoint 12345, sms ids \d+\)", outcome.message)
+    assert "part 2 failed (rate_limit_exceeded" in outcome.message
+    assert len([r for r in sb.requests(KIND) if r.path.endswith("/sms")]) == 2  # part 3 never sent
+
+
+def test_sandbox_status_follows_the_sms_to_delivered(clean_sandbox):
+    sb, adapter = clean_sandbox, sandbox_adapter(clean_sandbox)
+    msg = make_msg()
+    [result] = send_all(adapter, msg)
+    sent = OutboundMessage(id=msg.id, to=msg.to, text=msg.text, provider_ref=result.outcome.provider_ref)
+    first = status_of(adapter, sent)
+    assert [e.status for e in first] == ["pending"]
+    shift_twin_clock(sb, 5)
+    [event] = status_of(adapter, sent)
+    sms_id = split_ref(sent.provider_ref)[1][0]
+    assert (event.event_id, event.status, event.provider_status) == (f"{sms_id}:4", "delivered", "Delivered")
+
+
+def test_sandbox_cancel_deletes_a_buffered_sms_and_refuses_a_delivered_one(clean_sandbox):
+    sb, adapter = clean_sandbox, sandbox_adapter(clean_sandbox)
+    offline, online = make_msg(to="12377", msg_id="a"), make_msg(to="12345", msg_id="b")
+    buffered, delivered = send_all(adapter, offline, online)
+    shift_twin_clock(sb, 5)
+    offline = OutboundMessage(id="a", to="12377", text="x", provider_ref=buffered.outcome.provider_ref)
+    online = OutboundMessage(id="b", to="12345", text="x", provider_ref=delivered.outcome.provider_ref)
+    assert [e.status for e in status_of(adapter, offline)] == ["pending"]  # buffered at the network
+    assert cancel(adapter, offline) is True
+    deletes = [r for r in sb.requests(KIND) if r.method == "DELETE"]
+    assert [(d.path, d.status) for d in deletes] == [
+        (f"/api/v1/endpoint/12377/sms/{split_ref(offline.provider_ref)[1][0]}", 204)]
+    assert [e.status for e in status_of(adapter, offline)] == ["cancelled"]
+    assert cancel(adapter, online) is False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import datetime, timedelta, timezone
@@ -43,7 +44,8 @@ def make_msg(to: str = "+256712345678", text: str = "Hello from eSMS Africa!", a
 def test_registry_finds_the_adapter_with_its_declarations():
     cls = adapter_class("esms_africa")
     assert cls is EsmsAfricaAdapter
-    assert (cls.credentials, cls.defaults, cls.options) == (("api_key",), ("sender_id", "route"), ("sender_id", "route"))
+    assert cls.credentials == ("api_key",)
+    assert cls.defaults == cls.options == ("sender_id", "route")
     assert (cls.max_length, cls.has_status, cls.idempotent_retry) == (1530, True, True)
 
 
@@ -155,7 +157,8 @@ ANSWERS = [
      "invalid_phone", "Phone number could not be parsed"),
     (400, {"detail": {"code": "no_route", "message": "No active route for the destination country"}}, Rejected,
      "no_route", "No active route for the destination country"),
-    (400, {"detail": {"code": "text_too_long", "message": "Text too long"}}, Rejected, "text_too_long", "Text too long"),
+    (400, {"detail": {"code": "text_too_long", "message": "Text too long"}}, Rejected, "text_too_long",
+     "Text too long"),
     (400, {"detail": [{"loc": ["body", "to"], "msg": "value is not a valid phone number", "type": "value_error"},
                       {"loc": ["body", "text"], "msg": "field required", "type": "missing"}]},
      Rejected, "invalid_request", "to: value is not a valid phone number; text: field required"),
@@ -245,3 +248,144 @@ def test_batch_status_request_joins_up_to_100_ids():
     for refs in ([], [f"m{i}" for i in range(101)]):
         with pytest.raises(ValueError):
             adapter.build_status_batch_request(refs)
+
+
+def test_batch_status_answer_maps_each_id_to_its_status():
+    response = httpx.Response(200, json=[{"id": "a", "status": "sent", "updated_at": "2026-05-30T07:00:00+00:00"},
+                                         {"id": "b", "status": "delivered"}],
+                              request=httpx.Request("GET", BASE + "/api/messages/status?ids=a,b,c"))
+    assert make_adapter().parse_status_batch(response) == {"a": "sent", "b": "delivered"}
+
+
+# --------------------------------------------------------------------------- against the sandbox, over HTTP
+KIND = "esms_africa"
+
+
+def sandbox_adapter(sb, clock=time.time, **fields) -> EsmsAfricaAdapter:
+    account = ProviderAccount(name="africa", kind=KIND, base_url=sb.base_url(KIND),
+                              fields={**sb.credentials(KIND), **fields},
+                              secret_fields=EsmsAfricaAdapter.secret_fields())
+    return EsmsAfricaAdapter(account, clock=clock)
+
+
+def send_all(adapter: EsmsAfricaAdapter, *msgs: OutboundMessage):
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return [await adapter.send(client, m) for m in msgs]
+
+    return asyncio.run(go())
+
+
+def fetch(adapter: EsmsAfricaAdapter, request: httpx.Request) -> httpx.Response:
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            response = await client.send(request, auth=adapter.auth())
+            await response.aread()
+            return response
+
+    return asyncio.run(go())
+
+
+def test_sandbox_send_posts_the_documented_request_and_reads_the_answer(clean_sandbox):
+    sb = clean_sandbox
+    adapter = sandbox_adapter(sb, sender_id="eSMSAfrica")
+    msg = make_msg(attempt_key="attempt-1", **adapter.merged_options({}))
+    [result] = send_all(adapter, msg)
+    [seen] = sb.requests(KIND)
+    assert (seen.method, seen.path) == ("POST", SEND_PATH)
+    assert seen.headers["Authorization"] == f"Bearer {sb.credentials(KIND)['api_key']}"
+    assert seen.headers["Idempotency-Key"] == "attempt-1"
+    assert seen.json == {"to": "+256712345678", "text": "Hello from eSMS Africa!", "sender_id": "eSMSAfrica"}
+    outcome = result.outcome
+    assert isinstance(outcome, Accepted) and outcome.provider_ref == seen.response_json["id"]
+    assert (outcome.segments, outcome.cost, outcome.cost_currency, outcome.provider_status) == (1, 1.2022, "KES",
+                                                                                                "submitted")
+    assert outcome.detail["route"] == "ESMS_UG" and outcome.detail["balance_after"] < 1_000_000
+
+
+@pytest.mark.parametrize("options,to,code,words", [
+    ({"sender_id": "MyApp"}, "+256712345678", "sender_id_not_approved", "is not approved for UG"),
+    ({"sender_id": "Nobody"}, "+256712345678", "sender_id_not_approved", "not found or not approved"),
+    ({"route": "ESMS_KE"}, "+256712345678", "no_route", "does not serve UG numbers"),
+    ({}, "+14155550123", "no_route", "No active route"),
+])
+def test_sandbox_permanent_errors_are_rejected_in_the_providers_words(clean_sandbox, options, to, code, words):
+    [result] = send_all(sandbox_adapter(clean_sandbox), make_msg(to=to, **options))
+    assert isinstance(result.outcome, Rejected) and result.outcome.code == code
+    assert words in result.outcome.message
+
+
+def test_sandbox_a_wrong_or_read_only_api_key_is_rejected(clean_sandbox):
+    [wrong] = send_all(sandbox_adapter(clean_sandbox, api_key="esms_live_wrong"), make_msg())
+    assert wrong.outcome == Rejected("invalid_api_key", "Missing or invalid API key")
+    [read_only] = send_all(sandbox_adapter(clean_sandbox, api_key="esms_test_readonly"), make_msg())
+    assert isinstance(read_only.outcome, Rejected) and read_only.outcome.code == "insufficient_scope"
+
+
+def test_sandbox_an_empty_wallet_is_rejected_with_balance_and_cost(clean_sandbox):
+    clean_sandbox.configure(KIND, extra={"balance": 0.5})
+    [result] = send_all(sandbox_adapter(clean_sandbox), make_msg())
+    assert result.outcome == Rejected("insufficient_balance",
+                                      "Balance KES 0.50 < estimated cost KES 1.20 (balance=0.5, cost=1.2022)")
+
+
+def test_sandbox_server_error_is_retried_later(clean_sandbox):
+    clean_sandbox.set_faults(KIND, fail_next=1)
+    [result] = send_all(sandbox_adapter(clean_sandbox), make_msg())
+    assert isinstance(result.outcome, RetryLater) and result.http_status == 500
+    assert result.outcome.message == "injected failure"
+
+
+def test_sandbox_429_pauses_until_retry_after(clean_sandbox):
+    clean_sandbox.configure(KIND, rate_limit=1, rate_window=60)
+    before = time.time()
+    first, second = send_all(sandbox_adapter(clean_sandbox), make_msg(attempt_key="a"), make_msg(attempt_key="b"))
+    assert isinstance(first.outcome, Accepted)
+    assert isinstance(second.outcome, RetryLater) and second.outcome.code == "rate_limited"
+    assert before + 1 <= second.outcome.retry_at <= time.time() + 61
+    assert second.rate.pause_until == pytest.approx(second.outcome.retry_at, abs=0.5)
+
+
+def test_sandbox_a_repeated_idempotency_key_creates_nothing_new(clean_sandbox):
+    sb = clean_sandbox
+    adapter = sandbox_adapter(sb)
+    first, again, other = send_all(adapter, make_msg(attempt_key="same"), make_msg(attempt_key="same"),
+                                   make_msg(attempt_key="new"))
+    assert first.outcome == again.outcome  # same id, same cost, same balance_after
+    assert other.outcome.provider_ref != first.outcome.provider_ref
+    assert other.outcome.detail["balance_after"] == pytest.approx(first.outcome.detail["balance_after"] - 1.2022)
+    assert [r.headers["Idempotency-Key"] for r in sb.requests(KIND)] == ["same", "same", "new"]
+
+
+def test_sandbox_a_not_before_hours_ahead_is_scheduled_at_the_provider(clean_sandbox):
+    not_before = datetime.fromtimestamp(time.time(), tz=timezone.utc) + timedelta(hours=2)
+    [result] = send_all(sandbox_adapter(clean_sandbox), make_msg(not_before=not_before))
+    [seen] = clean_sandbox.requests(KIND)
+    assert seen.json["schedule_mode"] == "scheduled" and seen.json["scheduled_at"].endswith("Z")
+    assert isinstance(result.outcome, Accepted) and result.outcome.provider_status == "scheduled"
+    assert parse_iso(result.outcome.detail["scheduled_at"]) >= not_before
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_sandbox_status_timeline_becomes_events_and_the_batch_form_agrees(clean_sandbox):
+    sb = clean_sandbox
+    adapter = sandbox_adapter(sb)
+    good, bad = send_all(adapter, make_msg(attempt_key="g"), make_msg(to="+256712340000", attempt_key="f"))
+    sb.settings(KIND).clock = lambda: time.time() + 10  # past every delivery step
+    good_msg = make_msg(provider_ref=good.outcome.provider_ref)
+    bad_msg = make_msg(provider_ref=bad.outcome.provider_ref)
+    events = adapter.parse_status(fetch(adapter, adapter.build_status_request(good_msg)), good_msg)
+    ref = good.outcome.provider_ref
+    assert [(e.event_id, e.status) for e in events] == [
+        (f"{ref}:0:queued", "pending"), (f"{ref}:1:submitted", "accepted"), (f"{ref}:2:sent", "accepted"),
+        (f"{ref}:3:delivered", "delivered")]
+    failing = adapter.parse_status(fetch(adapter, adapter.build_status_request(bad_msg)), bad_msg)
+    assert [e.provider_status for e in failing] == ["queued", "submitted", "sent", "retrying", "retrying", "failed"]
+    assert failing[-1].status == "failed"
+    batch = fetch(adapter, adapter.build_status_batch_request([good.outcome.provider_ref, bad.outcome.provider_ref,
+                                                               "msg-unknown"]))
+    assert adapter.parse_status_batch(batch) == {good.outcome.provider_ref: "delivered",
+                                                 bad.outcome.provider_ref: "failed"}

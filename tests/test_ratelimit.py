@@ -145,11 +145,12 @@ def test_reserved_instants_are_consumed_by_the_next_caller(limiter, account):
 
 
 def test_max_wait_zero_grants_only_what_is_free_now(limiter, account):
-    rate = parse_rate_limit("10/s")
+    rate = parse_rate_limit("1/s")
     r = limiter.reserve(account, rate, 5, max_wait=0)
     again = limiter.reserve(account, rate, 5, max_wait=0)
 
-    assert r.delays == [0.0] and again.granted == 0 and 0 < again.retry_after <= 0.11
+    assert r.delays == [0.0] and r.retry_after == pytest.approx(1.02)
+    assert again.granted == 0 and 0 < again.retry_after <= 1.02
 
 
 def test_one_accounts_exhaustion_never_delays_another(limiter, account):
@@ -180,11 +181,11 @@ def test_bad_arguments_are_refused(limiter, account):
 # --------------------------------------------------------------------------- pauses
 def test_a_pause_grants_nothing_until_its_time_then_spacing_resumes(limiter, account):
     rate = parse_rate_limit("20/s")
-    until = limiter.pause(account, time.time() + 0.25)
+    until = limiter.pause(account, time.time() + 0.3)
 
     blocked = limiter.reserve(account, rate, 10, max_wait=30)
     assert blocked.granted == 0 and blocked.paused_until == until
-    assert blocked.server_time + blocked.retry_after >= until
+    assert blocked.server_time + blocked.retry_after == pytest.approx(until, abs=1e-6)  # free again at its end
 
     deadline = time.monotonic() + 2
     while (r := limiter.reserve(account, rate, 2, max_wait=1)).granted == 0:
@@ -253,7 +254,7 @@ def test_describe_shows_pause_and_next_free_instant(limiter, account):
     limiter.reserve(account, rate, 10, max_wait=5)
     state = limiter.describe(account, rate)
     assert state["account"] == account and state["paused_until"] is None
-    assert 0.9 < state["next_free_in"] <= 1.02
+    assert 0.5 < state["next_free_in"] <= 1.02  # the first of the ten leaves the window
 
     limiter.pause(account, time.time() + 30)
     state = limiter.describe(account, rate)

@@ -108,6 +108,16 @@ def test_drop_next_closes_the_connection_without_an_answer(sb):
     assert answered.status == 200
 
 
+def test_lose_next_acts_on_the_request_then_drops_the_answer(sb):
+    sb.set_faults("emsgnow", lose_next=1)
+    with pytest.raises(httpx.RemoteProtocolError):
+        post_sms(sb)
+    [lost] = sb.requests("emsgnow")
+    assert lost.fault == "lose" and lost.status == 200
+    tracking_id = lost.response_json["trackingId"]  # the twin stored the message all the same
+    assert httpx.get(f"{sb.base_url('emsgnow')}/sms/{tracking_id}", headers=KEY).status_code == 200
+
+
 def test_latency_delays_each_answer(sb):
     sb.set_faults("emsgnow", latency_ms=300)
     started = time.monotonic()
@@ -162,10 +172,12 @@ def test_faults_over_http_and_reset_clears_them_and_the_log(sb):
     assert post_sms(sb).status_code == 200
 
 
-def test_bad_control_requests_are_400(sb):
+def test_bad_control_requests_are_400_and_change_nothing(sb):
     assert httpx.post(sb.url + "/_sandbox/faults", json={"kind": "nope", "down": True}).status_code == 400
-    assert httpx.post(sb.url + "/_sandbox/faults", json={"kind": "emsgnow", "bogus": 1}).status_code == 400
-    assert httpx.post(sb.url + "/_sandbox/configure", json={"kind": "emsgnow", "clock": 1}).status_code == 400
+    assert httpx.post(sb.url + "/_sandbox/faults", json={"kind": "emsgnow", "down": True, "bogus": 1}).status_code == 400
+    assert httpx.post(sb.url + "/_sandbox/faults", json={"kind": "emsgnow", "down": True, "fail_rate": 2}).status_code == 400
+    assert httpx.post(sb.url + "/_sandbox/configure", json={"kind": "emsgnow", "rate_limit": 1, "clock": 1}).status_code == 400
+    assert [post_sms(sb).status_code for _ in range(2)] == [200, 200]
 
 
 def test_a_second_sandbox_gets_its_own_port_and_stops_cleanly():
@@ -202,4 +214,6 @@ def test_serve_prints_each_kind_and_stops_on_sigterm():
         assert httpx.post(base + "/sms", json=SMS, headers=KEY).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        code = proc.wait(timeout=10)
+        proc.stdout.close()
+    assert code == 0

@@ -1,6 +1,8 @@
 """emnify (`emnify`): SMS to an IoT endpoint, Bearer token from an application token (seed 002).
 
 * Address: `to` is an emnify endpoint id, a positive integer written as a string.
+  `source_address` (account default or message option) is a number of up to 15 digits or
+  a name of up to 11 letters, digits and spaces, as GSM sender addresses go.
 * Auth (`EmnifyAuth`): `POST /api/v1/authenticate {"application_token"}` -> `{"auth_token"}`,
   then `Authorization: Bearer <auth_token>` on every call. The token is cached per worker
   process per account (base URL + application token) and shared by every request in flight:
@@ -72,6 +74,7 @@ AUTH_PATH = "/api/v1/authenticate"
 MAX_PARTS = 10
 UCS2_DCS = 8
 _ENDPOINT_ID = re.compile(r"^[1-9][0-9]{0,18}$")
+_SOURCE = re.compile(r"^(?:\+?[0-9]{1,15}|[A-Za-z0-9 ]{1,11})$")  # GSM sender: a number or an 11-character name
 _SMS_ID_IN_LOCATION = re.compile(r"/sms/([^/?#]+)/?(?:[?#].*)?$")
 _STATUS = {1: "pending", 2: "accepted", 3: "pending", 4: "delivered", 5: "failed", 6: "expired", 7: "cancelled"}
 _CODE_BY_STATUS = {400: "invalid_request", 401: "auth_failed", 403: "forbidden", 404: "endpoint_not_found",
@@ -80,11 +83,18 @@ _CODE_BY_STATUS = {400: "invalid_request", 401: "auth_failed", 403: "forbidden",
 
 # --------------------------------------------------------------------------- the token cache
 class TokenSlot:
-    """The auth token of one account in this process, and the locks that guard its renewal."""
+    """The auth token of one account in this process, and the locks that guard its renewal.
+
+    `failures` counts failed authentications and `last_failure` keeps the latest one's outcome,
+    so that requests that queued behind a failing authentication give up at once with the
+    same outcome instead of each trying (and timing out) in turn.
+    """
 
     def __init__(self) -> None:
         self.token: str | None = None
-        self.renewals = 0  # how many times this process authenticated (for tests and metrics)
+        self.renewals = 0  # authentications that gave a token (for tests and metrics)
+        self.failures = 0
+        self.last_failure: Outcome | None = None
         self.thread_lock = threading.RLock()  # for the sync flow
         self._loop_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
@@ -100,8 +110,12 @@ class TokenSlot:
                 lock = self._loop_locks[loop] = asyncio.Lock()
             return lock
 
+    def fail(self, outcome: Outcome) -> None:
+        self.last_failure = outcome
+        self.failures += 1
+
     def __repr__(self) -> str:
-        return f"TokenSlot(token={'***' if self.token else None}, renewals={self.renewals})"
+        return f"TokenSlot(token={'***' if self.token else None}, renewals={self.renewals}, failures={self.failures})"
 
 
 _slots: dict[tuple[str, str], TokenSlot] = {}
@@ -124,6 +138,14 @@ def clear_token_cache() -> None:
         _slots.clear()
 
 
+class AuthenticationFailed(Exception):
+    """Raised from the Auth flow when an authentication this request waited for has just failed."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(getattr(outcome, "message", "") or "emnify authentication failed")
+        self.outcome = outcome
+
+
 # --------------------------------------------------------------------------- auth
 class EmnifyAuth(httpx.Auth):
     """Bearer auth whose token exchange is one extra request yielded inside the flow.
@@ -131,10 +153,9 @@ class EmnifyAuth(httpx.Auth):
     Flow: [POST /api/v1/authenticate if no token is cached] -> the request with
     `Authorization: Bearer <token>` -> on 401: [authenticate again, unless another request
     already renewed the token meanwhile] -> the request once more. A failed authentication
-    ends the flow with the authenticate answer as the final response.
+    ends the flow with the authenticate answer as the final response; the requests that were
+    waiting for it raise `AuthenticationFailed` carrying the same outcome.
     """
-
-    requires_response_body = True
 
     def __init__(self, base_url: str, application_token: str, slot: TokenSlot | None = None) -> None:
         self._base_url = base_url
@@ -149,10 +170,15 @@ class EmnifyAuth(httpx.Auth):
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         stale: str | None = None
         for _ in range(2):
+            failures_seen = self.slot.failures
             with self.slot.thread_lock:
-                token = self.slot.token
-                if token is None or token == stale:
-                    answer = yield self.authenticate_request()
+                token = self._usable_token(stale, failures_seen)
+                if token is None:
+                    try:
+                        answer = yield self.authenticate_request()
+                    except BaseException:
+                        self.slot.fail(_UNREACHABLE)
+                        raise
                     answer.read()
                     token = self._keep_token(answer)
                     if token is None:
@@ -165,10 +191,15 @@ class EmnifyAuth(httpx.Auth):
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         stale: str | None = None
         for _ in range(2):
+            failures_seen = self.slot.failures
             async with self.slot.loop_lock():
-                token = self.slot.token
-                if token is None or token == stale:
-                    answer = yield self.authenticate_request()
+                token = self._usable_token(stale, failures_seen)
+                if token is None:
+                    try:
+                        answer = yield self.authenticate_request()
+                    except BaseException:
+                        self.slot.fail(_UNREACHABLE)
+                        raise
                     await answer.aread()
                     token = self._keep_token(answer)
                     if token is None:
@@ -181,10 +212,20 @@ class EmnifyAuth(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         return self.sync_auth_flow(request)
 
+    def _usable_token(self, stale: str | None, failures_seen: int) -> str | None:
+        """The cached token if it is not the one just refused; None means: authenticate now."""
+        token = self.slot.token
+        if token is not None and token != stale:
+            return token
+        if self.slot.failures != failures_seen and self.slot.last_failure is not None:
+            raise AuthenticationFailed(self.slot.last_failure)
+        return None
+
     def _keep_token(self, answer: httpx.Response) -> str | None:
         data = json_or_none(answer) if answer.is_success else None
         token = data.get("auth_token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
+            self.slot.fail(authentication_outcome(answer))
             return None
         self.slot.token = token
         self.slot.renewals += 1
@@ -267,6 +308,31 @@ def error_outcome(response: httpx.Response, retry_at: float | None = None) -> Ou
     return http_outcome(status, code, message, retry_at)
 
 
+def authentication_outcome(response: httpx.Response, retry_at: float | None = None) -> Outcome:
+    """A failed `POST /api/v1/authenticate`: a refused token is final, 429 / 5xx are retried."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return Rejected("auth_failed", "emnify's authenticate answer carried no auth_token")
+    if status == 429 and retry_at is None:
+        retry_at = parse_time(response.headers.get("retry-after"))
+    outcome = error_outcome(response, retry_at)
+    message = f"authentication with the application token failed: {outcome.message}"
+    if isinstance(outcome, RetryLater):
+        return RetryLater(outcome.code, message, outcome.retry_at)
+    return Rejected("auth_failed", message)
+
+
+_UNREACHABLE = RetryLater("auth_unreachable", "the authenticate request did not complete (network error or timeout)")
+
+
+def _on_authenticate(exc: httpx.HTTPError) -> bool:
+    """The network failed on the token exchange: the SMS itself was certainly not sent."""
+    try:
+        return exc.request.url.path.endswith(AUTH_PATH)
+    except RuntimeError:
+        return False
+
+
 def _is_authenticate_answer(response: httpx.Response) -> bool:
     try:
         return response.request.url.path.endswith(AUTH_PATH)
@@ -294,8 +360,9 @@ class EmnifyAdapter(Adapter):
             raise InvalidAddress("to", "must be an emnify endpoint id: a positive integer such as 12345")
         super().validate(to, text, options)
         source = self.merged_options(options).get("source_address")
-        if isinstance(source, bool) or not isinstance(source, (str, int)) or not str(source).strip():
-            raise InvalidOption("source_address", "must be a sender number or name (a non-empty string)")
+        if isinstance(source, bool) or not isinstance(source, (str, int)) or not _SOURCE.match(str(source)):
+            raise InvalidOption("source_address", "must be a sender number of up to 15 digits or a name of up to "
+                                                  "11 letters, digits and spaces")
         parts = split(text or "").count
         if parts > MAX_PARTS:
             raise TextTooLong("text", f"at most {MAX_PARTS} SMS parts for kind 'emnify', this text takes {parts}")
@@ -341,7 +408,7 @@ class EmnifyAdapter(Adapter):
             signal = self.read_rate(response)
             retry_at = signal.pause_until if signal else None
         if _is_authenticate_answer(response):
-            return self._authentication_failure(response, retry_at)
+            return authentication_outcome(response, retry_at)
         if 200 <= status < 300:
             sms_id = sms_id_from_location(response.headers.get("location"))
             ref = f"{msg.to}/{sms_id}" if sms_id else None
@@ -350,16 +417,6 @@ class EmnifyAdapter(Adapter):
         if status == 401:
             return Rejected("auth_failed", f"emnify refused a freshly renewed auth token: {outcome.message}")
         return outcome
-
-    def _authentication_failure(self, response: httpx.Response, retry_at: float | None) -> Outcome:
-        status = response.status_code
-        if 200 <= status < 300:
-            return Rejected("auth_failed", "emnify's authenticate answer carried no auth_token")
-        outcome = error_outcome(response, retry_at)
-        message = f"authentication with the application token failed: {outcome.message}"
-        if isinstance(outcome, RetryLater):
-            return RetryLater(outcome.code, message, outcome.retry_at)
-        return Rejected("auth_failed", message)
 
     # ---- sending (several requests for a long text)
     async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
@@ -374,8 +431,10 @@ class EmnifyAdapter(Adapter):
             try:
                 response = await client.send(self._post_sms(msg.to, body), auth=auth)
                 await response.aread()
+            except AuthenticationFailed as exc:  # an authentication this send waited for failed
+                outcome: Outcome = exc.outcome
             except httpx.HTTPError as exc:
-                outcome: Outcome = network_outcome(exc)
+                outcome = _UNREACHABLE if _on_authenticate(exc) else network_outcome(exc)
                 requests += 1
             else:
                 requests += 1 + len(response.history)
@@ -411,7 +470,7 @@ class EmnifyAdapter(Adapter):
         try:
             response = await client.send(request, auth=auth)
             await response.aread()
-        except httpx.HTTPError:
+        except (httpx.HTTPError, AuthenticationFailed):
             return None, 1
         if response.status_code != 200:
             return None, 1 + len(response.history)
@@ -460,7 +519,7 @@ class EmnifyAdapter(Adapter):
             try:
                 response = await client.send(request, auth=auth)
                 await response.aread()
-            except httpx.HTTPError:
+            except (httpx.HTTPError, AuthenticationFailed):
                 cancelled = False
                 continue
             cancelled = cancelled and response.status_code in (200, 204)
@@ -473,7 +532,7 @@ def _status_time(data: dict[str, Any], normalized: str) -> float | None:
     elif normalized in ("failed", "expired", "cancelled"):
         names = ("final_date", "submit_date")
     else:
-        names = ("retry_date", "submit_date")
+        names = ("submit_date",)
     for name in names:
         value = parse_time(data.get(name)) if data.get(name) else None
         if value is not None:
@@ -486,10 +545,11 @@ def _partial(endpoint_id: str, sms_ids: list[str | None], seq: int, total: int, 
     refs = ",".join(i or "?" for i in sms_ids)
     code = getattr(failure, "code", "unknown")
     message = getattr(failure, "message", "")
+    sent = "part 1 was" if seq == 2 else f"parts 1-{seq - 1} were"
     return Rejected(
         "partial_send",
-        f"parts 1-{seq - 1} of {total} were accepted (endpoint {endpoint_id}, sms ids {refs}) and cannot be "
-        f"recalled; part {seq} failed ({code}: {message}); not resent, to avoid duplicate parts",
+        f"{sent} accepted of {total} (endpoint {endpoint_id}, sms ids {refs}) and cannot be recalled; "
+        f"part {seq} failed ({code}: {message}); not resent, to avoid duplicate parts",
     )
 
 

@@ -132,11 +132,17 @@ def read_error(status: int, data: Any, fallback: str) -> tuple[str, str]:
         lines = [_validation_line(item) for item in detail]
         return "invalid_request", "; ".join(line for line in lines if line) or "invalid request"
     if isinstance(detail, str) and detail:
-        lowered = detail.lower()
-        code = next((c for words, c in _CODE_BY_WORDS if words in lowered), derived) if status in (400, 403, 422) else derived
-        return code, detail
+        return _code_from_words(detail, status, derived), detail
     message = data.get("message") if isinstance(data, dict) else None
     return derived, str(message or fallback)
+
+
+def _code_from_words(detail: str, status: int, derived: str) -> str:
+    """A documented code named by the words of a string `detail` (400 / 403 / 422 only)."""
+    if status not in (400, 403, 422):
+        return derived
+    lowered = detail.lower()
+    return next((code for words, code in _CODE_BY_WORDS if words in lowered), derived)
 
 
 def _validation_line(item: Any) -> str:

@@ -132,8 +132,9 @@ class RedisRateStorage(RateStorage):
 
     def read_pause(self, account: str) -> int:
         with _unavailable_on_redis_errors(f"reading the pause of {account!r}"):
-            value = self.client.get(keys.rate_pause(account))
-        return int(value) if value else 0  # the key expires exactly at the pause end
+            (seconds, micros), value = self.client.pipeline(transaction=False).time().get(keys.rate_pause(account)).execute()
+        # Redis keeps a key through the very millisecond it expires at; reserve.lua does not.
+        return int(value) if value and int(value) * 1000 > seconds * 1_000_000 + micros else 0
 
 
 def _reserve_keys(account: str) -> list[str]:

@@ -5,16 +5,19 @@ Layout of the URL space (the twin's own paths sit under its kind):
     /<kind>/...          a twin, e.g. POST /emsgnow/sms, POST /esms_africa/api/messages/send
     /_sandbox/requests   GET  ?kind=K&since=SEQ   the request log (entries with seq > SEQ)
     /_sandbox/faults     POST {"kind": K, latency_ms, down, fail_next, fail_status, fail_rate,
-                               drop_next, hang_next, hang_ms, seed}
+                               drop_next, lose_next, hang_next, hang_ms, seed}
     /_sandbox/configure  POST {"kind": K, credentials, rate_limit, rate_window, delivery_step,
                                extra: {...merged...}}
     /_sandbox/reset      POST  empties the log, faults and twin state; restores the settings
     /_sandbox/info       GET   base URL and sandbox credentials per kind
 
 A middleware around the twins (never inside them) records every request and applies the
-kind's faults, in this order: latency, down (503), drop (connection closed, no answer),
-fail (fail_status), hang (hold hang_ms, then answer normally). Per-request work is an append
-to the log and a few dict lookups, so one process keeps up with thousands of requests a second.
+kind's faults, in this order: latency, down (503 with a JSON body), drop (connection closed
+before the twin sees the request), fail (fail_status, or fail_rate drawn from a Random seeded
+with `seed`), hang (hold hang_ms, then answer normally), lose (the twin handles the request,
+then the connection is closed: the provider acted but the client never hears of it).
+Per-request work is an append to the log and a few dict lookups, so one process keeps up with
+thousands of requests a second.
 
 `SandboxThread` runs the server on its own event loop in a daemon thread for tests and the
 demo; `serve()` runs it in the foreground for `dispatcher sandbox`.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib
 import json
 import random
 import signal
@@ -32,30 +34,24 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from . import emnify, emsgnow, esimaccess, esimfly, esms_africa
 from .common import PARSED_BODY_KEY, KindSettings, json_response, parse_json_body, state_of
 
 KINDS = ("esimfly", "esimaccess", "emnify", "esms_africa", "emsgnow")
 CONTROL_PREFIX = "/_sandbox"
 GENERIC_FAULT_BODY = {"error": "injected failure"}
 _CONFIGURABLE = ("credentials", "rate_limit", "rate_window", "delivery_step", "extra")
-_MAX_LOG = 500_000  # entries kept; the oldest tenth is dropped beyond this
+_MAX_LOG = 100_000  # entries kept (a few KB each); the oldest tenth is dropped beyond this
 
 
 def load_twins() -> dict[str, ModuleType]:
     """The twin module of every kind, by kind name."""
-    twins = {}
-    for kind in KINDS:  # DEV-ONLY skip of twins not written yet: remove before hand-over
-        try:
-            twins[kind] = importlib.import_module(f"{__package__}.{kind}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{kind}":
-                raise
-    return twins
+    return {module.KIND: module for module in (esimfly, esimaccess, emnify, esms_africa, emsgnow)}
 
 
 # --------------------------------------------------------------------------- records and faults
@@ -75,7 +71,7 @@ class RecordedRequest:
     status: int | None = None
     response_json: Any = None
     answered_at: float | None = None
-    fault: str | None = None  # "down" | "fail" | "drop" | "hang" when a fault shaped the answer
+    fault: str | None = None  # "down" | "fail" | "drop" | "hang" | "lose" when a fault shaped the answer
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -94,21 +90,24 @@ class Faults:
     fail_status: int = 500
     fail_rate: float = 0.0
     drop_next: int = 0
+    lose_next: int = 0
     hang_next: int = 0
     hang_ms: float = 0.0
     seed: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
 
     def update(self, values: dict[str, Any]) -> None:
-        for name, value in values.items():
-            if name == "rng" or name not in {f.name for f in fields(self)}:
-                raise ValueError(f"unknown fault {name!r}")
-            current = getattr(self, name)
-            setattr(self, name, type(current)(value))
+        """Apply every value or, when one is wrong, none of them."""
+        unknown = set(values) - {f.name for f in fields(self) if f.name != "rng"}
+        if unknown:
+            raise ValueError(f"unknown fault {sorted(unknown)[0]!r}")
+        converted = {name: type(getattr(self, name))(value) for name, value in values.items()}
+        if not 0.0 <= converted.get("fail_rate", self.fail_rate) <= 1.0:
+            raise ValueError("fail_rate must be between 0 and 1")
+        for name, value in converted.items():
+            setattr(self, name, value)
         if "seed" in values:
             self.rng = random.Random(self.seed)
-        if not 0.0 <= self.fail_rate <= 1.0:
-            raise ValueError("fail_rate must be between 0 and 1")
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "rng"}
@@ -130,7 +129,8 @@ class Sandbox:
         self.seq = 0
 
     # ---- log
-    def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any, now: float) -> RecordedRequest:
+    def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any,
+               now: float) -> RecordedRequest:
         self.seq += 1
         entry = RecordedRequest(self.seq, kind, request.method, path, dict(request.query),
                                 CIMultiDict(request.headers), raw, parsed, now)
@@ -153,22 +153,14 @@ class Sandbox:
         return faults.public()
 
     def configure(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Change a kind's settings live; every value is checked before any is applied."""
         settings = self._settings_of(kind)
-        for name, value in values.items():
-            if name not in _CONFIGURABLE:
-                raise ValueError(f"{name!r} cannot be configured (allowed: {', '.join(_CONFIGURABLE)})")
+        changes = {name: _setting_value(name, value) for name, value in values.items()}
+        for name, value in changes.items():
             if name == "extra":
-                if not isinstance(value, dict):
-                    raise ValueError("extra must be an object")
                 settings.extra.update(value)
-            elif name == "credentials":
-                if not isinstance(value, dict):
-                    raise ValueError("credentials must be an object")
-                settings.credentials = {str(k): str(v) for k, v in value.items()}
-            elif name == "rate_limit":
-                settings.rate_limit = None if value is None else int(value)
             else:
-                setattr(settings, name, float(value))
+                setattr(settings, name, value)
         return settings_json(settings)
 
     def reset(self) -> None:
@@ -200,6 +192,19 @@ class Sandbox:
         if kind not in self.settings:
             raise ValueError(f"unknown kind {kind!r} (known: {', '.join(self.settings)})")
         return self.settings[kind]
+
+
+def _setting_value(name: str, value: Any) -> Any:
+    """A configure value checked and converted to the KindSettings field's type."""
+    if name not in _CONFIGURABLE:
+        raise ValueError(f"{name!r} cannot be configured (allowed: {', '.join(_CONFIGURABLE)})")
+    if name in ("extra", "credentials") and not isinstance(value, dict):
+        raise ValueError(f"{name} must be an object")
+    if name == "credentials":
+        return {str(k): str(v) for k, v in value.items()}
+    if name == "rate_limit":
+        return None if value is None else int(value)
+    return value if name == "extra" else float(value)
 
 
 def _copy_settings(settings: KindSettings) -> KindSettings:
@@ -242,9 +247,8 @@ def _fault_middleware(sandbox: Sandbox, clock: Callable[[], float]):
         try:
             response = await _answer(sandbox, kind, entry, request, handler)
         except _Dropped:
-            entry.fault = "drop"
-            assert request.transport is not None
-            request.transport.close()
+            if request.transport is not None:
+                request.transport.close()
             raise asyncio.CancelledError() from None
         except web.HTTPException as exc:
             entry.status, entry.answered_at = exc.status, clock()
@@ -256,7 +260,8 @@ def _fault_middleware(sandbox: Sandbox, clock: Callable[[], float]):
     return middleware
 
 
-async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: web.Request, handler) -> web.StreamResponse:
+async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     faults = sandbox.faults[kind]
     if faults.latency_ms > 0:
         await asyncio.sleep(faults.latency_ms / 1000.0)
@@ -265,17 +270,25 @@ async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: 
         return json_response(sandbox.fault_body(kind, 503, "service unavailable"), status=503)
     if faults.drop_next > 0:
         faults.drop_next -= 1
+        entry.fault = "drop"
         raise _Dropped()
     if faults.fail_next > 0 or (faults.fail_rate > 0 and faults.rng.random() < faults.fail_rate):
         faults.fail_next = max(0, faults.fail_next - 1)
         entry.fault = "fail"
         status = faults.fail_status
         return json_response(sandbox.fault_body(kind, status, "injected failure"), status=status)
+    lose = faults.lose_next > 0  # decided at arrival, so concurrent requests lose exactly N
+    if lose:
+        faults.lose_next -= 1
     if faults.hang_next > 0:
         faults.hang_next -= 1
         entry.fault = "hang"
         await asyncio.sleep(faults.hang_ms / 1000.0)
-    return await handler(request)
+    response = await handler(request)
+    if lose:
+        entry.fault, entry.status, entry.response_json = "lose", response.status, _response_json(response)
+        raise _Dropped()
+    return response
 
 
 def _response_json(response: web.StreamResponse) -> Any:

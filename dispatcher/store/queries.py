@@ -112,18 +112,6 @@ def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Message]:
     return [by_id[i] for i in claimed if i in by_id]
 
 
-def load_due(session: Session, ids: Sequence[str], now: datetime) -> list[tuple[str, str]]:
-    """(id, account) of the queued, due messages among `ids`, oldest first (not yet claimed)."""
-    if not ids:
-        return []
-    stmt = (
-        select(M.c.id, M.c.provider)
-        .where(M.c.id.in_(list(ids)), M.c.status == QUEUED, or_(M.c.due_at.is_(None), M.c.due_at <= now))
-        .order_by(M.c.created_at, M.c.id)
-    )
-    return [(row[0], row[1]) for row in session.execute(stmt)]
-
-
 def postpone(session: Session, ids: Sequence[str], now: datetime, due_at: datetime, status: str = QUEUED) -> None:
     """Move queued messages' due time (rate-limited: no attempt made, none counted)."""
     if ids:
