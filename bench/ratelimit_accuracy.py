@@ -88,7 +88,8 @@ async def live(url: str, seconds: float = 5.0) -> None:
     lateness = [w - (start + d) for w, d in zip(sorted(woke), r.delays)]
     print(
         f"live 20/s: {len(woke)} wake-ups over {max(woke) - min(woke):.2f} s, most in any 1 s: "
-        f"{most_in_window(woke, 1.0)}, lateness max {max(lateness) * 1000:.1f} ms"
+        f"{most_in_window(woke, 1.0)}, lateness max {max(lateness) * 1000:.1f} ms "
+        f"({sum(late > r.slack for late in lateness)} beyond the {r.slack * 1000:.0f} ms slack)"
     )
 
 

@@ -229,6 +229,8 @@ def build_row(
         raise InvalidTime("not_after", "is already in the past")
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 200):
         raise ValidationError("idempotency_key", "must be a string of 1 to 200 characters")
+    if not to and (opts.get("esim_id") or opts.get("iccid")):
+        to = str(opts.get("esim_id") or opts.get("iccid"))  # addressed by the option instead
     if not isinstance(to, str) or not to.strip():
         raise ValidationError("to", "is required")
     adapter.validate(to, text, opts)

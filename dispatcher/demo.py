@@ -87,15 +87,14 @@ def _secrets(sandbox) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 
 def _sends() -> list[tuple[str, str, dict]]:
-    soon = datetime.now(timezone.utc) + timedelta(seconds=3)
-    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    """(label, account, send() arguments); `not_before` given in seconds from the moment of sending."""
     return [
         ("an OTP that is delivered", "alerts", dict(to="+14155550123", text="Your code is 482910")),
         ("a number the network cannot reach", "alerts", dict(to="+14155550000", text="Hello?")),
         ("first attempt hits a 500, the retry gets through", "alerts", dict(to="+14155550124", text="Retry me")),
         ("an account with a wrong API key", "broken", dict(to="+14155550125", text="Refused")),
-        ("held until 3 s from now", "alerts", dict(to="+14155550126", text="Scheduled", not_before=soon)),
-        ("scheduled an hour ahead, then cancelled", "alerts", dict(to="+14155550127", text="Never", not_before=later)),
+        ("held until 3 s from now", "alerts", dict(to="+14155550126", text="Scheduled", not_before=3)),
+        ("scheduled an hour ahead, then cancelled", "alerts", dict(to="+14155550127", text="Never", not_before=3600)),
         ("an eSIM by ICCID (esimfly, HMAC-signed)", "esim", dict(to="8948010010036785060", text="Welcome! Your eSIM is ready.")),
         ("an eSIM by esimTranNo (eSIM Access)", "esim_access", dict(to="23072017992029", text="Your data plan is active")),
         ("a long text to an IoT device in 2 parts (emnify)", "iot", dict(to="12345", text="Reboot scheduled. " * 10)),
@@ -136,11 +135,17 @@ def run_demo(keep: bool = False) -> int:
                                       env=env, stdout=log, stderr=log))
         print(f"worker, beat started (log: {workdir / 'processes.log'})\n")
         try:
-            sandbox.set_faults("emsgnow", fail_next=0)
             ids: list[tuple[str, str]] = []
-            for label, account, kw in _sends():
-                if label.startswith("first attempt"):
+            sends = sorted(_sends(), key=lambda item: not item[0].startswith("first attempt"))
+            for label, account, kw in sends:
+                if "not_before" in kw:
+                    kw = dict(kw, not_before=datetime.now(timezone.utc) + timedelta(seconds=kw["not_before"]))
+                if label.startswith("first attempt"):  # sent alone, so that it is the one the fault hits
                     sandbox.set_faults("emsgnow", fail_next=1, fail_status=500)
+                    msg = api.send(account, **kw)
+                    _wait_first_attempt(api, msg.id)
+                    ids.append((msg.id, label))
+                    continue
                 msg = api.send(account, **kw)
                 ids.append((msg.id, label))
                 if "cancelled" in label:
@@ -164,6 +169,12 @@ def run_demo(keep: bool = False) -> int:
     else:
         print(f"\nworking directory kept: {workdir}")
     return 0 if ok else 1
+
+
+def _wait_first_attempt(api, message_id: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not api.get(message_id).attempt_log and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _watch(api, ids: list[tuple[str, str]], timeout: float) -> bool:  # type: ignore[no-untyped-def]

@@ -120,6 +120,25 @@ def test_a_burst_as_large_as_the_limit_sends_n_at_once_then_waits_a_full_window(
 
 
 # --------------------------------------------------------------------------- the batch contract
+def _worst_lateness(instants: list[float], late: float, unit: float) -> int:
+    """The most sends in any window when every slot before some pivot goes `late` seconds late
+    and the rest on time: the pattern that packs the most into one window."""
+    ordered = sorted(instants)
+    return max(most_in_window([t + late if t < pivot else t for t in ordered], unit) for pivot in ordered)
+
+
+def test_slots_used_within_their_slack_still_hold_the_limit_and_later_ones_would_not(limiter, account):
+    r = limiter.reserve(account, parse_rate_limit("20/s"), 120, max_wait=60)
+
+    assert r.slack == pytest.approx(0.01)
+    assert _worst_lateness(r.instants, r.slack, 1.0) == 20
+    assert _worst_lateness(r.instants, 3 * r.slack, 1.0) > 20  # why an overdue slot is forfeit
+
+
+def test_an_account_without_a_limit_tolerates_any_lateness(limiter, account):
+    assert limiter.reserve(account, None, 1).slack == float("inf")
+
+
 def test_max_wait_is_honoured_and_the_rest_gets_a_retry_after(limiter, account):
     r = limiter.reserve(account, parse_rate_limit("10/s"), 50, max_wait=0.5)
 

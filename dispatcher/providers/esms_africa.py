@@ -18,8 +18,9 @@
   there is still Accepted: the provider retries it itself and the status poll settles it).
   Errors carry `detail` as a string, an object {code, message, ...} or a list of validation
   errors; each becomes a readable Rejected (400 invalid_phone / no_route / text_too_long,
-  401, 403 sender_id_not_approved / insufficient_scope, 422 insufficient_balance); 429 with
-  Retry-After and 5xx -> RetryLater.
+  401, 403 sender_id_not_approved / insufficient_scope, 422 insufficient_balance). A string
+  `detail` (the seed's 403 examples) takes its code from its words ("Sender ID ..." ->
+  sender_id_not_approved), else from the status. 429 with Retry-After and 5xx -> RetryLater.
 * Status: GET /api/messages/{id} -> one DeliveryEvent per `timeline` entry, event id
   "{id}:{index}:{status}". queued/scheduled/retrying -> pending, submitted/sent -> accepted,
   delivered, failed. A "failed" entry followed by a later "retrying" was not the end (the

@@ -1,7 +1,8 @@
 --[[ reserve.lua: reserve up to N send instants for one provider account, atomically.
 
-Mirrors dispatcher/ratelimit/strategy.py:plan_slots (the reference of these maths; read its
-docstring for why). All times are integer microseconds on the Redis server's clock.
+The algorithm and why it holds: dispatcher/ratelimit/strategy.py (module docstring).
+storage.py:plan_slots is the same decision in Python; a test checks they agree exactly.
+All times are integer microseconds on the Redis server's clock.
 
 KEYS[1]  bucket  hash  {tat = GCRA theoretical arrival time (µs), seq = member counter}
 KEYS[2]  log     zset  reserved send instants; score = instant (µs), member = "<instant>:<seq>"

@@ -24,6 +24,11 @@ What we do: two rules over one window W = period + margin, both checked in one R
   provider while that spread stays under the margin: 20 ms for "N/s", 1 s for longer units
   (raise `margin_ratio` / `max_margin` for a jittery path). It costs 2% of throughput for
   "N/s", 1.7% for "N/m", 0.3% for "N/5m" and 0.03% for "N/h".
+* Half the margin is the sender's: `Reservation.slack`. A worker may use a slot up to `slack`
+  after its instant; a slot missed by more (a stalled event loop, a full connection pool) is
+  forfeit and the message reserves again. Without that rule a stalled worker fires its overdue
+  slots together, right beside other workers' on-time ones, and the provider sees more than N
+  in a window. The other half absorbs the network's latency spread.
 
 Cost: the log holds the instants of the last window W plus those reserved ahead (about 2,000
 for 2000/5m), older ones are trimmed on every call, and a call reads only the few ranks it
@@ -62,6 +67,9 @@ class Reservation:
     `retry_after` (seconds from now) says when the next slot frees up if fewer than asked were
     granted; `paused_until` (epoch seconds) is the provider-imposed pause in force, if any.
     `server_time` is the Redis clock reading (epoch seconds) the delays count from.
+
+    Use slot i between delays[i] and delays[i] + `slack` seconds after the reply arrived; a slot
+    missed by more than `slack` is forfeit (it stays counted as used): reserve again.
     """
 
     granted: int
@@ -69,6 +77,7 @@ class Reservation:
     retry_after: float | None = None
     paused_until: float | None = None
     server_time: float = 0.0
+    slack: float = math.inf  # lateness a slot tolerates; unlimited when the account has no limit
 
     @property
     def instants(self) -> list[float]:
@@ -79,11 +88,25 @@ class Reservation:
 def rule_for(rate: RateLimit, margin_ratio: float = DEFAULT_MARGIN_RATIO, max_margin: float = DEFAULT_MAX_MARGIN) -> SlotRule:
     """The storage's form of a configured limit (see the module docstring)."""
     cap = max(1, math.floor(rate.count))
-    base = rate.period * cap / rate.count  # the time `cap` requests are allowed in
-    window_us = math.ceil((base + min(base * margin_ratio, max_margin)) * 1e6)
+    base = _base_window(rate)
+    window_us = math.ceil((base + _margin(rate, margin_ratio, max_margin)) * 1e6)
     emission_us = math.ceil(window_us / cap)
     tolerance_us = (min(rate.burst, cap) - 1) * emission_us
     return SlotRule(cap=cap, window_us=window_us, emission_us=emission_us, tolerance_us=tolerance_us)
+
+
+def slack_for(rate: RateLimit | None, margin_ratio: float = DEFAULT_MARGIN_RATIO, max_margin: float = DEFAULT_MAX_MARGIN) -> float:
+    """How late (seconds) a worker may use a reserved slot: half the margin (see the module docstring)."""
+    return math.inf if rate is None else _margin(rate, margin_ratio, max_margin) / 2
+
+
+def _base_window(rate: RateLimit) -> float:
+    """The time the limit allows its whole number of requests in (the unit, for whole counts)."""
+    return rate.period * max(1, math.floor(rate.count)) / rate.count
+
+
+def _margin(rate: RateLimit, margin_ratio: float, max_margin: float) -> float:
+    return min(_base_window(rate) * margin_ratio, max_margin)
 
 
 class RateLimiter:
@@ -122,7 +145,7 @@ class RateLimiter:
             raise ValueError("n and max_wait must be >= 0")
         rule = None if rate is None else rule_for(rate, self.margin_ratio, self.max_margin)
         grant = self.storage.reserve(account, rule, n, int(max_wait * 1e6))
-        return _reservation(grant, n)
+        return _reservation(grant, n, slack_for(rate, self.margin_ratio, self.max_margin))
 
     # ---- pauses learned from providers
     def pause(self, account: str, until: float) -> float | None:
@@ -172,7 +195,7 @@ class RateLimiter:
         }
 
 
-def _reservation(grant: Grant, wanted: int) -> Reservation:
+def _reservation(grant: Grant, wanted: int, slack: float) -> Reservation:
     granted = len(grant.offsets_us)
     return Reservation(
         granted=granted,
@@ -180,6 +203,7 @@ def _reservation(grant: Grant, wanted: int) -> Reservation:
         retry_after=grant.next_free_us / 1e6 if granted < wanted else None,
         paused_until=grant.pause_ms / 1000 if grant.pause_ms else None,
         server_time=grant.now_us / 1e6,
+        slack=slack,
     )
 
 
