@@ -29,9 +29,9 @@ from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
 from . import runtime, transport
-from .config import RateLimit, Settings
+from .config import Settings
 from .errors import BrokerUnavailable
-from .ratelimit import RateLimiterUnavailable, rule_for
+from .ratelimit import RateLimiterUnavailable
 from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
 from .redact import mask
 from .retry import backoff
@@ -110,7 +110,7 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tu
 
     Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
     {id: seconds until it should be tried again}). The lateness allowed is the limiter's
-    jitter margin: a send later than that could crowd the next reserved one at the provider.
+    slack (half its jitter margin): a later send could crowd the next reserved one at the provider.
     What cannot go within `throttle_wait` is put back without an attempt counted.
     """
     by_account: dict[str, list[str]] = {}
@@ -127,7 +127,7 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tu
             later.update({mid: REDIS_DOWN_WAIT for mid in mids})
             continue
         reserved_at = time.monotonic()
-        slack = None if rate is None else jitter_margin(rate)
+        slack = None if rate is None else r.slack
         admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
         if r.granted < len(mids):
             wait = r.retry_after if r.retry_after is not None else s.throttle_wait
@@ -137,12 +137,6 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tu
                          len(mids) - r.granted)
             later.update({mid: max(wait, 0.05) for mid in mids[r.granted :]})
     return admitted, later
-
-
-def jitter_margin(rate: RateLimit) -> float:
-    """How late a send may go after its reserved instant and still keep the provider's count."""
-    rule = rule_for(rate)
-    return max(rule.window_us / 1e6 - rate.period * rule.cap / rate.count, 0.0)
 
 
 def _postpone(later: dict[str, float], now: datetime, s: Settings,
@@ -186,9 +180,9 @@ async def send_all(
         at, slack = send_at.get(m.id, (0.0, None))
         if at - time.monotonic() > 0:
             await asyncio.sleep(at - time.monotonic())
-        if slack is not None and time.monotonic() > at + slack:
-            return MISSED_SLOT
         async with slots:
+            if slack is not None and time.monotonic() > at + slack:
+                return MISSED_SLOT
             return await adapter.send(client, outbound(m))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
