@@ -8,11 +8,9 @@ whole sandbox server.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
-import threading
 import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
@@ -22,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher.sandbox import esimfly
+from .twins import FixedClock, TwinServer
 from dispatcher.sandbox.common import STATE_KEY, KindSettings
 
 ACCESS_CODE = esimfly.DEFAULT_CREDENTIALS["access_code"]
@@ -29,41 +28,6 @@ SECRET_KEY = esimfly.DEFAULT_CREDENTIALS["secret_key"]
 PATH = "/api/v1/business/esims/send-sms"
 T0 = 1_780_000_000.0  # a fixed "now" for the twin's clock
 GOOD_ICCID = "8948010010036785060"  # the seed's example
-
-
-class FixedClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class TwinServer:
-    """One twin application served on 127.0.0.1 from a thread of its own."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.runner = web.AppRunner(app, access_log=None)
-        self.url = ""
-
-    def __enter__(self) -> "TwinServer":
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
-        return self
-
-    async def _start(self) -> None:
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @dataclass
