@@ -8,23 +8,15 @@ import json
 import httpx
 import pytest
 
+from .twins import FixedClock, fixed_clock_on
+
 T0 = 1_800_000_000.0  # a multiple of 300: the start of a rate window
 ERROR_KEYS = {"error_code", "error_token", "message"}
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
-def clock(clean_sandbox) -> FakeClock:
-    fake = FakeClock()
-    clean_sandbox.settings("emnify").clock = fake
-    return fake
+def clock(clean_sandbox) -> FixedClock:
+    return fixed_clock_on(clean_sandbox, "emnify", T0)
 
 
 @pytest.fixture()

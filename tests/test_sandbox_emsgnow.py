@@ -7,23 +7,15 @@ import re
 import httpx
 import pytest
 
+from .twins import FixedClock, fixed_clock_on
+
 KEY = "sandbox-emsgnow-key"
 T0 = 1_800_000_000.0  # a window start: 1_800_000_000 % 60 == 0
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
-def clock(clean_sandbox) -> FakeClock:
-    fake = FakeClock()
-    clean_sandbox.settings("emsgnow").clock = fake
-    return fake
+def clock(clean_sandbox) -> FixedClock:
+    return fixed_clock_on(clean_sandbox, "emsgnow", T0)
 
 
 @pytest.fixture()

@@ -7,24 +7,16 @@ import re
 import httpx
 import pytest
 
+from .twins import FixedClock, fixed_clock_on
+
 KEY = "esms_test_sandbox_key"
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z, a minute boundary
 SEND = "/api/messages/send"
 
 
-class FakeClock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture()
-def clock(clean_sandbox) -> FakeClock:
-    fake = FakeClock()
-    clean_sandbox.settings("esms_africa").clock = fake
-    return fake
+def clock(clean_sandbox) -> FixedClock:
+    return fixed_clock_on(clean_sandbox, "esms_africa", T0)
 
 
 @pytest.fixture()

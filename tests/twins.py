@@ -41,3 +41,10 @@ class TwinServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
         self.loop.close()
+
+
+def fixed_clock_on(sandbox, kind: str, now: float) -> FixedClock:  # type: ignore[no-untyped-def]
+    """Give the `kind` twin of a running sandbox a clock that stands still at `now` until moved."""
+    clock = FixedClock(now)
+    sandbox.settings(kind).clock = clock
+    return clock
