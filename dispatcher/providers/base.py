@@ -207,6 +207,23 @@ def utf16_length(text: str) -> int:
     return len(text.encode("utf-16-le")) // 2
 
 
+class HeaderAuth(httpx.Auth):
+    """Fixed credential headers on every request (an API key, a Bearer key, a secret pair).
+
+    Its repr names the headers and never their values.
+    """
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self._headers = dict(headers)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(self._headers)
+        yield request
+
+    def __repr__(self) -> str:
+        return f"HeaderAuth({', '.join(f'{name}=***' for name in self._headers)})"
+
+
 # --------------------------------------------------------------------------- the adapter
 class Adapter:
     """Base of every provider kind. Subclasses declare, validate, build and parse."""

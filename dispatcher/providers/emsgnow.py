@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, ClassVar, Generator
+from typing import Any, ClassVar
 
 import httpx
 
@@ -23,6 +23,7 @@ from ..errors import InvalidAddress, InvalidOption, MissingField, ValidationErro
 from .base import (
     Accepted,
     Adapter,
+    HeaderAuth,
     DeliveryEvent,
     OutboundMessage,
     Outcome,
@@ -36,20 +37,6 @@ from .base import (
 _E164 = re.compile(r"^\+?[1-9]\d{6,14}$")
 _STATUS = {"processing": "accepted", "sent to provider": "accepted", "delivered": "delivered",
            "failed": "failed", "undelivered": "failed", "expired": "expired", "rejected": "failed"}
-
-
-class ApiKeyAuth(httpx.Auth):
-    """Adds the `x-api-key` header."""
-
-    def __init__(self, api_key: str) -> None:
-        self._api_key = api_key
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["x-api-key"] = self._api_key
-        yield request
-
-    def __repr__(self) -> str:
-        return "ApiKeyAuth(api_key=***)"
 
 
 class EmsgnowAdapter(Adapter):
@@ -81,7 +68,7 @@ class EmsgnowAdapter(Adapter):
             raise InvalidOption("callback_url", "must be an http(s) URL")
 
     def auth(self) -> httpx.Auth:
-        return ApiKeyAuth(self.account.get("api_key"))
+        return HeaderAuth({"x-api-key": self.account.get("api_key")})
 
     def build_request(self, msg: OutboundMessage) -> httpx.Request:
         opts = msg.options

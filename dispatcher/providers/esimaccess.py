@@ -26,7 +26,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Callable, ClassVar, Generator
+from typing import Any, Callable, ClassVar
 
 import httpx
 
@@ -36,6 +36,7 @@ from .base import (
     ICCID_PATTERN,
     Accepted,
     Adapter,
+    HeaderAuth,
     OutboundMessage,
     Outcome,
     Rejected,
@@ -59,22 +60,6 @@ _CODES: dict[str, type[RetryLater] | type[Rejected]] = {
     "101002": Rejected,  # IP blocked
     "101003": Rejected,  # signature mismatch
 }
-
-
-class SecretHeaderAuth(httpx.Auth):
-    """The excerpt's scheme: RT-AccessCode and RT-SecretKey headers on every request."""
-
-    def __init__(self, access_code: str, secret_key: str) -> None:
-        self._access_code = access_code
-        self._secret_key = secret_key
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["RT-AccessCode"] = self._access_code
-        request.headers["RT-SecretKey"] = self._secret_key
-        yield request
-
-    def __repr__(self) -> str:
-        return "SecretHeaderAuth(access_code=***, secret_key=***)"
 
 
 class EsimAccessAdapter(Adapter):
@@ -115,7 +100,7 @@ class EsimAccessAdapter(Adapter):
         access_code, secret_key = self.account.get("access_code"), self.account.get("secret_key")
         if self.auth_mode == "hmac":
             return RtHmacAuth(access_code, secret_key, uppercase=False, clock=self.clock)
-        return SecretHeaderAuth(access_code, secret_key)
+        return HeaderAuth({"RT-AccessCode": access_code, "RT-SecretKey": secret_key})
 
     def build_request(self, msg: OutboundMessage) -> httpx.Request:
         iccid = msg.options.get("iccid")

@@ -35,7 +35,7 @@ import math
 import re
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, ClassVar, Generator, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import httpx
 import phonenumbers
@@ -45,6 +45,7 @@ from ..errors import InvalidAddress, InvalidOption
 from .base import (
     Accepted,
     Adapter,
+    HeaderAuth,
     DeliveryEvent,
     OutboundMessage,
     Outcome,
@@ -77,20 +78,6 @@ _CODE_BY_WORDS = (
     ("phone", "invalid_phone"),
     ("too long", "text_too_long"),
 )
-
-
-class BearerKeyAuth(httpx.Auth):
-    """`Authorization: Bearer <api_key>`."""
-
-    def __init__(self, api_key: str) -> None:
-        self._api_key = api_key
-
-    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self._api_key}"
-        yield request
-
-    def __repr__(self) -> str:
-        return "BearerKeyAuth(api_key=***)"
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -210,8 +197,8 @@ class EsmsAfricaAdapter(Adapter):
             if not isinstance(value, str) or not value.strip():
                 raise InvalidOption(name, "must be a non-empty string")
 
-    def auth(self) -> BearerKeyAuth:
-        return BearerKeyAuth(str(self.account.get("api_key")))
+    def auth(self) -> HeaderAuth:
+        return HeaderAuth({"Authorization": f"Bearer {self.account.get('api_key')}"})
 
     def build_body(self, msg: OutboundMessage) -> dict[str, Any]:
         body: dict[str, Any] = {"to": msg.to, "text": msg.text}
