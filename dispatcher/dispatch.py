@@ -89,7 +89,8 @@ def dispatch_batch(
     missed = {m.id: 0.05 for m, r in zip(claimed, results) if r is MISSED_SLOT}
     if missed:  # woke too late for its reserved instant: give it back rather than crowd the next
         _postpone(missed, now, s, enqueue)
-        claimed, results = zip(*[(m, r) for m, r in zip(claimed, results) if r is not MISSED_SLOT]) or ((), ())
+        kept = [(m, r) for m, r in zip(claimed, results) if r is not MISSED_SLOT]
+        claimed, results = [m for m, _ in kept], [r for _, r in kept]
         report.claimed -= len(missed)
     _learn(claimed, results)
     finished = clock()
@@ -145,9 +146,12 @@ def _postpone(later: dict[str, float], now: datetime, s: Settings,
     their turn without a worker slot; a long provider pause waits in the store as `scheduled`."""
     soon = {mid: w for mid, w in later.items() if w <= BROKER_WAIT_MAX}
     far = [mid for mid, w in later.items() if w > BROKER_WAIT_MAX]
+    by_wait: dict[float, list[str]] = {}
+    for mid, wait in later.items():
+        by_wait.setdefault(wait, []).append(mid)
     with session_scope(s.database_url) as db:
-        for mid, wait in later.items():
-            queries.unclaim(db, [mid], now, now + timedelta(seconds=wait))
+        for wait, mids in by_wait.items():  # one statement per distinct wait (usually one per account)
+            queries.unclaim(db, mids, now, now + timedelta(seconds=wait))
         if far:  # the beat releases them when the pause is over
             queries.postpone(db, far, now, now + timedelta(seconds=max(later[m] for m in far)), status=SCHEDULED)
     try:

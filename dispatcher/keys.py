@@ -30,8 +30,3 @@ def rate_log(account: str) -> str:
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"
-
-
-def token_cache(account: str) -> str:
-    """Cached provider auth token (emnify); never logged."""
-    return f"{prefix()}:token:{{{account}}}"

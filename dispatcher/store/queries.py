@@ -15,8 +15,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .models import (
-    ACCEPTED,
-    FINAL,
     QUEUED,
     SCHEDULED,
     SENDING,
@@ -221,14 +219,3 @@ def add_events(session: Session, message_id: str, events: list[dict[str, Any]]) 
     if fresh:
         session.execute(insert(Event.__table__), fresh)  # type: ignore[attr-defined]
     return len(fresh)
-
-
-def is_final(status: str) -> bool:
-    return status in FINAL
-
-
-__all__ = [
-    "ACCEPTED", "Settlement", "add_events", "add_message", "add_messages", "claim", "due_ids",
-    "expire_overdue", "find_by_idempotency_key", "get_attempts", "get_events", "get_message",
-    "is_final", "record", "release", "set_status", "stale_sending", "unclaim",
-]
