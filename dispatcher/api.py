@@ -211,10 +211,8 @@ def build_row(
     """Validate one send and build its row (not yet stored)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
-    adapter = runtime.adapter_for(provider) if provider in runtime.settings().providers else None
-    if adapter is None:
-        runtime.settings().account(provider)  # raises UnknownProvider naming the accounts
-        raise AssertionError("unreachable")
+    runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
+    adapter = runtime.adapter_for(provider)
     opts = {_OPTION_ALIASES.get(k, k): v for k, v in (options or {}).items()}
     if scheduled_at is not None:
         if not_before is not None:

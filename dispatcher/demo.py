@@ -117,10 +117,10 @@ def run_demo(keep: bool = False) -> int:
             sandbox.configure(kind, delivery_step=0.5)
         config = workdir / "dispatcher.toml"
         config.write_text(_config(sandbox))
-        env = dict(os.environ, DISPATCHER_CONFIG=str(config), DISPATCHER_DATABASE_URL=f"sqlite:///{workdir / 'demo.db'}",
-                   DISPATCHER_REDIS_URL=redis_url, DISPATCHER_REDIS_PREFIX=prefix, **_secrets(sandbox))
-        os.environ.update({k: env[k] for k in ("DISPATCHER_CONFIG", "DISPATCHER_DATABASE_URL", "DISPATCHER_REDIS_URL",
-                                               "DISPATCHER_REDIS_PREFIX", *_secrets(sandbox))})
+        overrides = dict(DISPATCHER_CONFIG=str(config), DISPATCHER_DATABASE_URL=f"sqlite:///{workdir / 'demo.db'}",
+                         DISPATCHER_REDIS_URL=redis_url, DISPATCHER_REDIS_PREFIX=prefix, **_secrets(sandbox))
+        os.environ.update(overrides)  # this process sends; the children run the worker and beat
+        env = dict(os.environ)
         from . import api, runtime
         from .store.db import upgrade
 

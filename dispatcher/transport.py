@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable, Coroutine, TypeVar
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
@@ -41,13 +41,9 @@ class LoopThread:
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
 
-    def run(self, factory: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+    def run(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
         """Run the coroutine `factory()` on the loop and wait for its result."""
-
-        async def wrapper() -> T:
-            return await factory()
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(factory(), self._loop).result(timeout)
 
     def client(self) -> httpx.AsyncClient:
         """The shared client; call only from coroutines running on this loop."""
@@ -107,5 +103,5 @@ def warm_up(in_flight: int = 256) -> None:
     loop.run(touch)
 
 
-def run(factory: Callable[[], Awaitable[Any]], in_flight: int = 256) -> Any:
+def run(factory: Callable[[], Coroutine[Any, Any, Any]], in_flight: int = 256) -> Any:
     return process_loop(in_flight).run(factory)
