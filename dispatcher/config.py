@@ -84,7 +84,7 @@ class Settings:
     retry_base: float = 1.0  # seconds; backoff = base * 2**n with full jitter
     retry_cap: float = 60.0  # never a countdown longer than this
     batch_size: int = 100  # ids per dispatch task from bulk producers
-    in_flight: int = 256  # concurrent HTTP requests per worker process
+    in_flight: int = 256  # HTTP requests in flight per provider account in one worker process
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
     throttle_wait: float = 2.0  # a batch reserves rate-limit slots at most this far ahead
     lease_seconds: float = 300.0  # a claim older than this is settled by the reaper

@@ -41,6 +41,7 @@ from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED
 
 log = logging.getLogger("dispatcher.dispatch")
 REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
+BUSY_WAIT = 0.5  # seconds before messages of an account already at its in-flight cap try again
 MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit instant
 BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
 
@@ -61,8 +62,16 @@ def dispatch_batch(
     settings: Settings | None = None,
     clock: Callable[[], datetime] = utcnow,
     enqueue: Callable[[list[str], float], None] | None = None,
+    wait: bool = True,
 ) -> BatchReport:
-    """Send the due, still-queued messages among `ids` once each and record what happened."""
+    """Send the due, still-queued messages among `ids` once each and record what happened.
+
+    With wait=False (the Celery task) it returns once the claim is committed and the sends are
+    started on the process's event loop: the task's worker slot is free while the provider
+    answers, so a slow provider holds no slot another provider's messages need. The claim is
+    the durable record from then on: a worker that dies mid-send leaves `sending` rows that the
+    beat's reaper settles.
+    """
     s = settings or runtime.settings()
     ensure_schema(s.database_url)
     report = BatchReport()
@@ -73,19 +82,38 @@ def dispatch_batch(
     if not claimed:
         return report
     claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
+    loop = transport.process_loop(s.in_flight)
     transport.warm_up(s.in_flight)
     for m in claimed:
         runtime.adapter_for(m.provider)
     # Reserve send instants only now that the claim is committed, so that they start at once:
     # a send that goes later than its reserved instant would crowd the next one at the provider.
-    send_at, later = admit([(m.id, m.provider) for m in claimed], s)
+    send_at, later = admit([(m.id, m.provider) for m in claimed], s, loop)
     if later:
         claimed = [m for m in claimed if m.id in send_at]
         _postpone(later, now, s, enqueue)
     report.claimed = len(claimed)
     if not claimed:
         return report
-    results = transport.run(lambda: send_all(claimed, send_at), s.in_flight)
+
+    async def send_and_record() -> BatchReport:
+        try:
+            results = await send_all(claimed, send_at)
+            return await asyncio.to_thread(_record, claimed, results, report, now, s, clock, enqueue)
+        finally:
+            for m in claimed:
+                loop.give_back(m.provider, 1)
+
+    if wait:
+        return loop.run(send_and_record)
+    loop.submit(send_and_record)
+    return report
+
+
+def _record(claimed: Sequence[Message], results: Sequence[SendResult | BaseException | object], report: BatchReport,
+            now: datetime, s: Settings, clock: Callable[[], datetime],
+            enqueue: Callable[[list[str], float], None] | None) -> BatchReport:
+    """Settle and store the outcome of every send of a batch (runs in a thread beside the loop)."""
     missed = {m.id: 0.05 for m, r in zip(claimed, results) if r is MISSED_SLOT}
     if missed:  # woke too late for its reserved instant: give it back rather than crowd the next
         _postpone(missed, now, s, enqueue)
@@ -102,11 +130,16 @@ def dispatch_batch(
         if st.values["status"] == QUEUED:
             report.retry_in[st.message_id] = max((st.values["due_at"] - finished).total_seconds(), 0.0)
     _log_outcomes(claimed, settlements)
-    _requeue(report.retry_in, enqueue)
+    try:
+        _requeue(report.retry_in, enqueue)
+    except BrokerUnavailable as exc:
+        log.warning("could not enqueue %d retry(ies) (%s); the beat will", len(report.retry_in), exc)
     return report
 
 
-def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
+def admit(
+    waiting: Sequence[tuple[str, str]], s: Settings, loop: transport.LoopThread
+) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
     """Ask the global limiter, once per account, for send instants.
 
     Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
@@ -120,13 +153,20 @@ def admit(waiting: Sequence[tuple[str, str]], s: Settings) -> tuple[dict[str, tu
     admitted: dict[str, tuple[float, float | None]] = {}
     later: dict[str, float] = {}
     for account, mids in by_account.items():
+        room = loop.take(account, len(mids))  # this account's share of the process is bounded
+        later.update({mid: BUSY_WAIT for mid in mids[room:]})
+        mids = mids[:room]
+        if not mids:
+            continue
         rate = s.providers[account].rate_limit if account in s.providers else None
         try:
             r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait)
         except RateLimiterUnavailable as exc:
+            loop.give_back(account, len(mids))
             log.warning("rate limiter unreachable (%s); %d message(s) of %s wait", exc, len(mids), account)
             later.update({mid: REDIS_DOWN_WAIT for mid in mids})
             continue
+        loop.give_back(account, len(mids) - r.granted)
         reserved_at = time.monotonic()
         slack = None if rate is None else r.slack
         admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
@@ -175,8 +215,7 @@ async def send_all(
 ) -> list[SendResult | BaseException | object]:
     """Send every message concurrently over the process's shared client, each at its reserved
     instant; one that wakes later than its allowed lateness is not sent (MISSED_SLOT)."""
-    loop = transport.process_loop()
-    client, slots = loop.client(), loop.slots()
+    client = transport.process_loop().client()
     send_at = send_at or {}
 
     async def one(m: Message) -> SendResult | object:
@@ -184,10 +223,9 @@ async def send_all(
         at, slack = send_at.get(m.id, (0.0, None))
         if at - time.monotonic() > 0:
             await asyncio.sleep(at - time.monotonic())
-        async with slots:
-            if slack is not None and time.monotonic() > at + slack:
-                return MISSED_SLOT
-            return await adapter.send(client, outbound(m))
+        if slack is not None and time.monotonic() > at + slack:
+            return MISSED_SLOT
+        return await adapter.send(client, outbound(m))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
 

@@ -1,5 +1,9 @@
 """The HTTP edge: one event loop per process, and one shared async client over aiohttp.
 
+It also counts requests in flight per provider account (`take` / `give_back`) so that a slow
+provider fills only its own share of the process, and runs work in the background (`submit`)
+so that a Celery task need not wait for its HTTP requests.
+
 Celery runs tasks in ordinary (prefork or thread) workers; the sends of a task run here,
 on a long-lived event loop in a daemon thread, so a process keeps hundreds of requests in
 flight over one connection pool. httpx's API (Request, Auth, timeouts) stays; the network
@@ -10,8 +14,10 @@ goes through `httpx-aiohttp`, because httpx's own async pool collapses at high c
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
+from collections import Counter
 from typing import Any, Callable, Coroutine, TypeVar
 
 import httpx
@@ -21,8 +27,12 @@ T = TypeVar("T")
 
 
 def make_client(in_flight: int = 256, timeout: float = 10.0) -> httpx.AsyncClient:
-    """An AsyncClient over aiohttp with room for `in_flight` connections."""
-    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    """An AsyncClient over aiohttp with room for `in_flight` connections to each of many providers.
+
+    The pool is deliberately wide: the per-account cap (LoopThread.take) is what bounds work, so
+    that one slow provider holding its connections never starves another of a connection.
+    """
+    limits = httpx.Limits(max_connections=in_flight * 16, max_keepalive_connections=in_flight * 2)
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits, trust_env=False),
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
@@ -39,7 +49,9 @@ class LoopThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
         self._thread.start()
         self._client: httpx.AsyncClient | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._lock = threading.Lock()
+        self._busy: Counter[str] = Counter()  # requests in flight per provider account
+        self._background: set[concurrent.futures.Future] = set()
 
     def run(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
         """Run the coroutine `factory()` on the loop and wait for its result."""
@@ -51,17 +63,47 @@ class LoopThread:
             self._client = make_client(self.in_flight)
         return self._client
 
-    def slots(self) -> asyncio.Semaphore:
-        """Caps requests in flight across every task of this process."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.in_flight)
-        return self._slots
+    def submit(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
+        """Start `factory()` on the loop and return at once; close() waits for it."""
+        future = asyncio.run_coroutine_threadsafe(factory(), self._loop)
+        with self._lock:
+            self._background.add(future)
+        future.add_done_callback(self._forget)
+        return future
 
-    def close(self) -> None:
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._background.discard(future)
+
+    def take(self, account: str, wanted: int) -> int:
+        """Count up to `wanted` more requests in flight for `account` (at most `in_flight` each);
+        returns how many were taken. One account at its cap never holds up another."""
+        with self._lock:
+            granted = max(0, min(wanted, self.in_flight - self._busy[account]))
+            self._busy[account] += granted
+            return granted
+
+    def give_back(self, account: str, count: int) -> None:
+        with self._lock:
+            self._busy[account] -= count
+
+    def busy(self, account: str) -> int:
+        with self._lock:
+            return self._busy[account]
+
+    def drain(self, timeout: float) -> bool:
+        """Wait for submitted work to finish; False if some is still running after `timeout`."""
+        with self._lock:
+            pending = list(self._background)
+        _, not_done = concurrent.futures.wait(pending, timeout=timeout)
+        return not not_done
+
+    def close(self, drain_timeout: float = 30.0) -> None:
         async def shutdown() -> None:
             if self._client is not None:
                 await self._client.aclose()
 
+        self.drain(drain_timeout)
         try:
             self.run(shutdown, timeout=5)
         except Exception:  # noqa: BLE001 - closing on the way out; nothing to save
@@ -98,7 +140,6 @@ def warm_up(in_flight: int = 256) -> None:
 
     async def touch() -> None:
         loop.client()
-        loop.slots()
 
     loop.run(touch)
 

@@ -68,7 +68,7 @@ def dispatch(ids: list[str]) -> dict:
     """Claim, send and record the given messages (see dispatch.py)."""
     from .dispatch import dispatch_batch
 
-    report = dispatch_batch(ids)
+    report = dispatch_batch(ids, wait=False)  # the sends go on in the background (dispatch.py)
     return {"claimed": report.claimed, "expired": len(report.expired)}
 
 

@@ -23,6 +23,7 @@ kind = "esimfly"
 base_url = "{esimfly}"
 access_code = "{fly_code}"
 secret_key = "{fly_secret}"
+rate_limit = "100/s"  # not the published 1000/h: tests send faster than one every 3.6 s
 
 [providers.access]
 kind = "esimaccess"
@@ -153,3 +154,18 @@ def test_transient_error_is_retried_then_accepted(kind, all_kinds, celery_worker
     sends = [r for r in sandbox.requests(kind, since) if r.method == "POST" and "authenticate" not in r.path]
     assert [r.status for r in sends] == [503, 201 if kind == "emnify" else 200]
     check_request(kind, sends[-1], sandbox)
+
+
+def test_a_hanging_provider_never_delays_another_providers_messages(all_kinds, celery_worker_thread):
+    sandbox = all_kinds
+    # more hanging esimfly sends (one task each) than the worker has threads
+    sandbox.set_faults("esimfly", hang_next=12, hang_ms=4000)
+    slow = [dispatcher.send("fly", "8948010010036785060", f"slow {i}").id for i in range(12)]
+    wait_for(lambda: len(posts(sandbox, "esimfly")) == 12)  # all twelve are held by the provider
+    fast = [dispatcher.send("alerts", "+14155550123", f"fast {i}").id for i in range(5)]
+    for mid in fast:
+        assert wait_for(lambda: settled(mid)).status == "accepted"
+    # every eMsgNow message went through while the esimfly ones were still waiting on their answers
+    assert {dispatcher.get(mid).status for mid in slow} == {"sending"}
+    for mid in slow:
+        assert wait_for(lambda: settled(mid), timeout=30).status == "accepted"
