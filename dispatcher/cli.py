@@ -1,4 +1,4 @@
-"""The `dispatcher` command: send, status, cancel, worker, beat, check-config, sandbox, demo, db.
+"""The `dispatcher` command: send, status, cancel, limits, worker, beat, check-config, sandbox, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -76,6 +76,9 @@ def _build_parser() -> _Parser:
     c.add_argument("id")
     c.set_defaults(handler=_cmd_cancel)
 
+    lm = sub.add_parser("limits", help="each account's rate limit, any pause its provider asked for, the next free slot")
+    lm.set_defaults(handler=_cmd_limits)
+
     sub.add_parser("worker", help="run a Celery worker (further options go to celery worker)")
     sub.add_parser("beat", help="run the Celery beat (further options go to celery beat)")
 
@@ -132,6 +135,16 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
     msg = api.cancel(args.id)
     print(f"{msg.id} {msg.status}")
+    return EXIT_OK
+
+
+def _cmd_limits(args: argparse.Namespace) -> int:
+    from . import runtime
+
+    for name, acc in runtime.settings().providers.items():
+        d = runtime.limiter().describe(name, acc.rate_limit)
+        pause = f"paused until {d['paused_until']}" if d["paused_until"] else "not paused"
+        print(f"{name:<16} {d['limit'] or 'unlimited':<24} {pause:<44} next free in {d['next_free_in']:.3f}s")
     return EXIT_OK
 
 

@@ -55,3 +55,22 @@ def test_worker_without_redis_says_so_in_one_line(tmp_path):
 @pytest.mark.parametrize("argv", [["bogus"], ["send"], ["send", "alerts"]])
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == 2
+
+
+def test_limits_shows_a_pause_the_provider_asked_for(dispatcher_env, capsys):
+    import time
+
+    from dispatcher import runtime
+
+    import redis
+
+    from dispatcher import keys
+
+    runtime.limiter().pause("alerts", time.time() + 120)
+    try:
+        assert main(["limits"]) == 0
+    finally:  # other tests send through this account
+        redis.Redis.from_url(runtime.settings().redis_url).delete(keys.rate_pause("alerts"))
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "paused until" in lines["alerts"]
+    assert "not paused" in lines["badkey"]
