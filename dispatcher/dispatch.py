@@ -41,7 +41,8 @@ from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED
 
 log = logging.getLogger("dispatcher.dispatch")
 REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
-BUSY_WAIT = 0.5  # seconds before messages of an account already at its in-flight cap try again
+BUSY_WAIT_MAX = 2.0  # seconds a task waits for its account to have room in this process
+BUSY_WAIT = 0.5  # seconds before messages of an account still at its in-flight cap try again
 MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit instant
 BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
 
@@ -75,6 +76,11 @@ def dispatch_batch(
     s = settings or runtime.settings()
     ensure_schema(s.database_url)
     report = BatchReport()
+    loop = transport.process_loop(s.in_flight)
+    with session_scope(s.database_url) as db:
+        accounts = queries.accounts_of(db, ids)
+    for account in accounts:  # backpressure: a task for an account at its cap waits a little here
+        loop.wait_for_room(account, BUSY_WAIT_MAX)
     now = clock()
     with session_scope(s.database_url) as db:
         report.expired = queries.expire_overdue(db, ids, now)
@@ -82,7 +88,6 @@ def dispatch_batch(
     if not claimed:
         return report
     claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
-    loop = transport.process_loop(s.in_flight)
     transport.warm_up(s.in_flight)
     for m in claimed:
         runtime.adapter_for(m.provider)

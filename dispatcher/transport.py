@@ -50,6 +50,7 @@ class LoopThread:
         self._thread.start()
         self._client: httpx.AsyncClient | None = None
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # signalled when an account's requests finish
         self._busy: Counter[str] = Counter()  # requests in flight per provider account
         self._background: set[concurrent.futures.Future] = set()
 
@@ -86,6 +87,12 @@ class LoopThread:
     def give_back(self, account: str, count: int) -> None:
         with self._lock:
             self._busy[account] -= count
+            self._room.notify_all()
+
+    def wait_for_room(self, account: str, timeout: float) -> bool:
+        """Block (at most `timeout` s) until `account` has room for another request in flight."""
+        with self._lock:
+            return self._room.wait_for(lambda: self._busy[account] < self.in_flight, timeout)
 
     def busy(self, account: str) -> int:
         with self._lock:

@@ -83,6 +83,14 @@ def expire_overdue(session: Session, ids: Sequence[str] | None, now: datetime) -
     return [row[0] for row in session.execute(stmt)]
 
 
+def accounts_of(session: Session, ids: Sequence[str]) -> list[str]:
+    """The provider accounts of the queued messages among `ids` (a read, before claiming)."""
+    if not ids:
+        return []
+    stmt = select(M.c.provider).where(M.c.id.in_(list(ids)), M.c.status == QUEUED).distinct()
+    return [row[0] for row in session.execute(stmt)]
+
+
 def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Message]:
     """Compare-and-set `queued -> sending` for the ids that are due; returns the claimed rows.
 
@@ -103,10 +111,9 @@ def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Message]:
     claimed = [row[0] for row in session.execute(stmt)]
     if not claimed:
         return []
-    rows = session.execute(select(Message).where(Message.id.in_(claimed))).scalars()  # type: ignore[attr-defined]
-    by_id = {m.id: m for m in rows}
-    for m in by_id.values():
-        session.refresh(m)
+    # the UPDATE went around the ORM: load the rows as they are now, not from the identity map
+    stmt = select(Message).where(Message.id.in_(claimed)).execution_options(populate_existing=True)
+    by_id = {m.id: m for m in session.execute(stmt).scalars()}
     return [by_id[i] for i in claimed if i in by_id]
 
 

@@ -1,0 +1,167 @@
+"""Throughput of the whole pipeline against a slow provider, beside a naive baseline and a bare client.
+
+Run by hand: `.venv/bin/python bench/throughput.py [--messages 20000] [--latency-ms 200] [--workers 2]`.
+Needs Redis (DISPATCHER_REDIS_URL, default redis://localhost:6379/0) and, for the PostgreSQL
+row, PostgreSQL at DISPATCHER_BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/test).
+
+In one run, on one machine, against `dispatcher sandbox` answering every request after a fixed
+latency with no rate limit:
+  * bare aiohttp: a client loop that only POSTs the same requests, 256 in flight (the ceiling);
+  * dispatcher (SQLite) and dispatcher (PostgreSQL): send_many() -> store -> Redis -> worker
+    processes -> sandbox -> store, timed from the first send_many() call to the last acceptance;
+  * naive: one Celery task per message, one blocking httpx request per task, prefork, with as
+    many processes as the dispatcher has workers (fewer messages: it is slow).
+It prints messages/s, the ratios, p50/p99 from send() to accepted, the workers' peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import aiohttp  # noqa: E402
+
+REDIS_URL = os.environ.get("DISPATCHER_REDIS_URL", "redis://localhost:6379/0")
+PG_URL = os.environ.get("DISPATCHER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BODY = {"to": "+14155550123", "from": "BENCH", "message": "hello"}
+
+
+async def bare_client(url: str, api_key: str, count: int, in_flight: int = 256) -> float:
+    sem = asyncio.Semaphore(in_flight)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
+        async def one() -> None:
+            async with sem:
+                async with session.post(url, json=BODY, headers={"x-api-key": api_key}) as r:
+                    await r.read()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(count)))
+        return count / (time.perf_counter() - start)
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # type: ignore[no-untyped-def]
+    import dispatcher
+    from dispatcher import runtime
+    from dispatcher.store.db import session_scope, upgrade
+    from dispatcher.store.models import Message
+    from dispatcher.testing import WorkerProcesses, wait_until_settled
+    from sqlalchemy import select
+
+    work = tempfile.mkdtemp(prefix="bench-tp-")
+    config = os.path.join(work, "dispatcher.toml")
+    with open(config, "w") as fh:
+        fh.write(f'[dispatcher]\nbatch_size = 200\n\n[providers.bench]\nkind = "emsgnow"\n'
+                 f'base_url = "{provider.base_url("emsgnow")}"\napi_key = "{provider.credentials("emsgnow")["api_key"]}"\n'
+                 f'from = "BENCH"\ntimeout = 30\n')
+    os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)
+    runtime.configure(None)
+    upgrade(store_url)
+    with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=16) as procs:
+        time.sleep(3)  # let the workers connect before the clock starts
+        start = time.perf_counter()
+        ids: list[str] = []
+        for chunk in range(0, count, 5000):
+            ids += dispatcher.send_many([{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"}
+                                         for i in range(chunk, min(count, chunk + 5000))])
+        produced = time.perf_counter() - start
+        statuses = wait_until_settled(ids, timeout=count / 20 + 120, interval=0.5)
+        elapsed = time.perf_counter() - start
+        rss = [peak_rss_mb(p.pid) for p in procs.procs]
+    with session_scope(store_url) as db:
+        rows = db.execute(select(Message.created_at, Message.accepted_at).where(Message.status == "accepted")).all()
+    lat = sorted((a - c).total_seconds() for c, a in rows if a is not None)
+    accepted = sum(1 for s in statuses.values() if s == "accepted")
+    return {"rate": accepted / elapsed, "accepted": accepted, "produce_s": produced, "p50": statistics.median(lat),
+            "p99": lat[int(len(lat) * 0.99) - 1], "rss": max(rss)}
+
+
+def naive(provider, count: int, workers: int) -> float:  # type: ignore[no-untyped-def]
+    import redis
+
+    env = dict(os.environ, NAIVE_BROKER_URL=REDIS_URL, NAIVE_PREFIX=f"naive{uuid.uuid4().hex[:6]}",
+               PYTHONPATH=os.path.dirname(__file__))
+    os.environ.update(NAIVE_BROKER_URL=REDIS_URL, NAIVE_PREFIX=env["NAIVE_PREFIX"])
+    from naive_app import app  # noqa: E402  (bench/ is on sys.path below)
+
+    key = f"{env['NAIVE_PREFIX']}:done"
+    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "naive_app", "worker", "-P", "prefork", "-c",
+                             str(workers), "--loglevel", "WARNING"], env=env, cwd=os.path.dirname(__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        time.sleep(3)
+        url, api_key = provider.base_url("emsgnow") + "/sms", provider.credentials("emsgnow")["api_key"]
+        start = time.perf_counter()
+        for _ in range(count):
+            app.send_task("naive.send", args=[url, api_key, BODY, key])
+        while r.llen(key) < count:
+            time.sleep(0.2)
+        return count / (time.perf_counter() - start)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        r.delete(key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--naive-messages", type=int, default=400)
+    parser.add_argument("--latency-ms", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--stores", default="sqlite,postgresql")
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.environ["DISPATCHER_REDIS_PREFIX"] = f"benchtp{uuid.uuid4().hex[:8]}"
+    from dispatcher.testing import SandboxProcess
+
+    print(f"{args.messages} messages, provider latency {args.latency_ms} ms, {args.workers} worker processes")
+    with SandboxProcess(latency_ms=args.latency_ms) as provider:
+        provider.configure("emsgnow", rate_limit=10**9)
+        bare = asyncio.run(bare_client(provider.base_url("emsgnow") + "/sms", provider.credentials("emsgnow")["api_key"],
+                                       args.messages))
+        print(f"bare aiohttp client (256 in flight)   {bare:8.0f} msg/s")
+        naive_rate = naive(provider, args.naive_messages, args.workers)
+        print(f"naive Celery (prefork, 1 req/task)    {naive_rate:8.1f} msg/s  ({args.naive_messages} messages)")
+        for store in args.stores.split(","):
+            url = f"sqlite:///{tempfile.mkdtemp()}/bench.db" if store == "sqlite" else _pg_schema()
+            r = pipeline(provider, url, args.messages, args.workers)
+            print(f"dispatcher ({store:<10})               {r['rate']:8.0f} msg/s  "
+                  f"= {r['rate'] / bare:.2f} x bare, {r['rate'] / naive_rate:.0f} x naive; "
+                  f"send_many {r['produce_s']:.2f}s; send->accepted p50 {r['p50']:.2f}s p99 {r['p99']:.2f}s; "
+                  f"worker peak RSS {r['rss']:.0f} MB; accepted {r['accepted']}")
+
+
+def _pg_schema() -> str:
+    import sqlalchemy as sa
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine.dispose()
+    return f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+
+if __name__ == "__main__":
+    main()
