@@ -48,15 +48,23 @@ async def bare_client(url: str, api_key: str, count: int, in_flight: int = 256) 
         return count / (time.perf_counter() - start)
 
 
-def peak_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmHWM")
+
+
+def current_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
 
 
 def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # type: ignore[no-untyped-def]
@@ -65,7 +73,7 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
     from dispatcher.store.db import session_scope, upgrade
     from dispatcher.store.models import Message
     from dispatcher.testing import WorkerProcesses, wait_until_settled
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
     work = tempfile.mkdtemp(prefix="bench-tp-")
     config = os.path.join(work, "dispatcher.toml")
@@ -84,15 +92,53 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
             ids += dispatcher.send_many([{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"}
                                          for i in range(chunk, min(count, chunk + 5000))])
         produced = time.perf_counter() - start
-        statuses = wait_until_settled(ids, timeout=count / 20 + 120, interval=0.5)
+        samples = []  # (fraction accepted, current RSS of the largest worker) while the run goes on
+        deadline = time.monotonic() + count / 20 + 120
+        while time.monotonic() < deadline:
+            with session_scope(store_url) as db:
+                done = db.execute(select(func.count()).select_from(Message).where(Message.status == "accepted")).scalar_one()
+            samples.append((done / count, max(current_rss_mb(p.pid) for p in procs.procs)))
+            if done >= count:
+                break
+            time.sleep(1.0)
+        statuses = wait_until_settled(ids, timeout=30, interval=0.5)
         elapsed = time.perf_counter() - start
         rss = [peak_rss_mb(p.pid) for p in procs.procs]
     with session_scope(store_url) as db:
         rows = db.execute(select(Message.created_at, Message.accepted_at).where(Message.status == "accepted")).all()
     lat = sorted((a - c).total_seconds() for c, a in rows if a is not None)
     accepted = sum(1 for s in statuses.values() if s == "accepted")
-    return {"rate": accepted / elapsed, "accepted": accepted, "produce_s": produced, "p50": statistics.median(lat),
+    quarters = [next((mb for f, mb in samples if f >= q), samples[-1][1]) for q in (0.25, 0.5, 0.75, 1.0)]
+    return {"rss_quarters": quarters, "rate": accepted / elapsed, "accepted": accepted, "produce_s": produced, "p50": statistics.median(lat),
             "p99": lat[int(len(lat) * 0.99) - 1], "rss": max(rss)}
+
+
+def producer(provider, store_url: str, count: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds send_many() takes to persist and enqueue `count` messages, no worker running."""
+    import dispatcher
+    from dispatcher import runtime
+    from dispatcher.store.db import upgrade
+
+    work = tempfile.mkdtemp(prefix="bench-prod-")
+    config = os.path.join(work, "dispatcher.toml")
+    with open(config, "w") as fh:
+        fh.write(f'[dispatcher]\nbatch_size = 200\n\n[providers.bench]\nkind = "emsgnow"\n'
+                 f'base_url = "{provider.base_url("emsgnow")}"\napi_key = "x"\nfrom = "BENCH"\n')
+    prefix = os.environ["DISPATCHER_REDIS_PREFIX"]
+    os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)
+    runtime.configure(None)
+    upgrade(store_url)
+    dispatcher.send_many([{"provider": "bench", "to": "+14155550123", "text": "warm-up"}])
+    items = [{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"} for i in range(count)]
+    start = time.perf_counter()
+    dispatcher.send_many(items)
+    seconds = time.perf_counter() - start
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)  # drop the tasks: nobody is to send these
+    for key in client.scan_iter(f"{prefix}:dispatcher.send*"):
+        client.delete(key)
+    return seconds
 
 
 def naive(provider, count: int, workers: int) -> float:  # type: ignore[no-untyped-def]
@@ -145,11 +191,16 @@ def main() -> None:
         print(f"naive Celery (prefork, 1 req/task)    {naive_rate:8.1f} msg/s  ({args.naive_messages} messages)")
         for store in args.stores.split(","):
             url = f"sqlite:///{tempfile.mkdtemp()}/bench.db" if store == "sqlite" else _pg_schema()
+            seconds = producer(provider, url, args.messages)
+            print(f"send_many() alone ({store:<10})         {args.messages} messages in {seconds:.2f}s "
+                  f"({args.messages / seconds:.0f} msg/s)")
+            url = f"sqlite:///{tempfile.mkdtemp()}/bench.db" if store == "sqlite" else _pg_schema()
             r = pipeline(provider, url, args.messages, args.workers)
             print(f"dispatcher ({store:<10})               {r['rate']:8.0f} msg/s  "
                   f"= {r['rate'] / bare:.2f} x bare, {r['rate'] / naive_rate:.0f} x naive; "
-                  f"send_many {r['produce_s']:.2f}s; send->accepted p50 {r['p50']:.2f}s p99 {r['p99']:.2f}s; "
+                  f"send_many (beside the workers) {r['produce_s']:.2f}s; send->accepted p50 {r['p50']:.2f}s p99 {r['p99']:.2f}s; "
                   f"worker peak RSS {r['rss']:.0f} MB; accepted {r['accepted']}")
+            print(f"    worker RSS at 25/50/75/100 % accepted: {' / '.join(f'{mb:.0f}' for mb in r['rss_quarters'])} MB")
 
 
 def _pg_schema() -> str:
