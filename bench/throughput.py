@@ -32,6 +32,7 @@ import aiohttp  # noqa: E402
 
 REDIS_URL = os.environ.get("DISPATCHER_REDIS_URL", "redis://localhost:6379/0")
 PG_URL = os.environ.get("DISPATCHER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BATCH = int(os.environ.get("BENCH_BATCH", "200"))  # ids per dispatch task
 BODY = {"to": "+14155550123", "from": "BENCH", "message": "hello"}
 
 
@@ -78,7 +79,7 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
     work = tempfile.mkdtemp(prefix="bench-tp-")
     config = os.path.join(work, "dispatcher.toml")
     with open(config, "w") as fh:
-        fh.write(f'[dispatcher]\nbatch_size = 200\n\n[providers.bench]\nkind = "emsgnow"\n'
+        fh.write(f'[dispatcher]\nbatch_size = {BATCH}\n\n[providers.bench]\nkind = "emsgnow"\n'
                  f'base_url = "{provider.base_url("emsgnow")}"\napi_key = "{provider.credentials("emsgnow")["api_key"]}"\n'
                  f'from = "BENCH"\ntimeout = 30\n')
     os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)
@@ -122,7 +123,7 @@ def producer(provider, store_url: str, count: int) -> float:  # type: ignore[no-
     work = tempfile.mkdtemp(prefix="bench-prod-")
     config = os.path.join(work, "dispatcher.toml")
     with open(config, "w") as fh:
-        fh.write(f'[dispatcher]\nbatch_size = 200\n\n[providers.bench]\nkind = "emsgnow"\n'
+        fh.write(f'[dispatcher]\nbatch_size = {BATCH}\n\n[providers.bench]\nkind = "emsgnow"\n'
                  f'base_url = "{provider.base_url("emsgnow")}"\napi_key = "x"\nfrom = "BENCH"\n')
     prefix = os.environ["DISPATCHER_REDIS_PREFIX"]
     os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)

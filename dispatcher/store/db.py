@@ -67,7 +67,10 @@ def _make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # Enough pooled connections for every worker thread plus the threads recording outcomes:
+    # an overflow connection is closed when returned, and a new PostgreSQL backend per batch
+    # halved throughput (bench/throughput.py).
+    return create_engine(url, pool_size=32, max_overflow=16, pool_pre_ping=True)
 
 
 @contextmanager
