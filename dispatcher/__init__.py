@@ -6,6 +6,7 @@
 """
 
 from .api import Attempt, Event, Message, cancel, get, send, send_many
+from .recurring import add_schedule, list_schedules, remove_schedule
 from .errors import (
     BrokerUnavailable,
     ConfigError,
@@ -37,8 +38,11 @@ __all__ = [
     "TooLate",
     "UnknownProvider",
     "ValidationError",
+    "add_schedule",
     "cancel",
     "get",
+    "list_schedules",
+    "remove_schedule",
     "send",
     "send_many",
 ]

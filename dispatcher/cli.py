@@ -1,4 +1,4 @@
-"""The `dispatcher` command: send, status, cancel, limits, worker, beat, check-config, sandbox, demo, db.
+"""The `dispatcher` command: send, status, cancel, schedule, limits, worker, beat, check-config, sandbox, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -77,6 +77,24 @@ def _build_parser() -> _Parser:
     c.add_argument("id")
     c.set_defaults(handler=_cmd_cancel)
 
+    sc = sub.add_parser("schedule", help="recurring reminders (cron in a time zone)")
+    scsub = sc.add_subparsers(dest="schedule_command", parser_class=_Parser)
+    add = scsub.add_parser("add", help="add a recurring reminder")
+    add.add_argument("name")
+    add.add_argument("--cron", required=True, help='a cron expression, e.g. "0 9 * * 1-5"')
+    add.add_argument("--tz", required=True, help="the time zone the expression is read in, e.g. Europe/London")
+    add.add_argument("--provider", required=True)
+    add.add_argument("--to", required=True)
+    add.add_argument("--text")
+    add.add_argument("--until", help="ISO 8601 with a time zone: no occurrence after this")
+    add.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
+    add.set_defaults(handler=_cmd_schedule_add)
+    ls = scsub.add_parser("list", help="every schedule with its next three occurrences, local and UTC")
+    ls.set_defaults(handler=_cmd_schedule_list)
+    rm = scsub.add_parser("remove", help="remove a schedule")
+    rm.add_argument("name")
+    rm.set_defaults(handler=_cmd_schedule_remove)
+
     lm = sub.add_parser("limits", help="each account's rate limit, any pause its provider asked for, the next free slot")
     lm.set_defaults(handler=_cmd_limits)
 
@@ -137,6 +155,41 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     msg = api.cancel(args.id)
     print(f"{msg.id} {msg.status}")
     return EXIT_OK
+
+
+def _cmd_schedule_add(args: argparse.Namespace) -> int:
+    from .recurring import add_schedule
+
+    view = add_schedule(args.name, args.cron, args.tz, args.provider, args.to, args.text,
+                        until=_parse_time("--until", args.until), **dict(_parse_opt(o) for o in args.opt))
+    _print_schedule(view)
+    return EXIT_OK
+
+
+def _cmd_schedule_list(args: argparse.Namespace) -> int:
+    from .recurring import list_schedules
+
+    views = list_schedules()
+    if not views:
+        print("no schedules")
+    for view in views:
+        _print_schedule(view)
+    return EXIT_OK
+
+
+def _cmd_schedule_remove(args: argparse.Namespace) -> int:
+    from .recurring import remove_schedule
+
+    remove_schedule(args.name)
+    print(f"removed {args.name}")
+    return EXIT_OK
+
+
+def _print_schedule(view) -> None:  # type: ignore[no-untyped-def]
+    until = f" until {view.until.isoformat()}" if view.until else ""
+    print(f"{view.name}: '{view.cron}' in {view.tz} via {view.provider} to {view.to}{until}")
+    for occ in view.upcoming:
+        print(f"  {occ.local.strftime('%Y-%m-%d %H:%M')} {view.tz}   {occ.at.strftime('%Y-%m-%d %H:%M')} UTC")
 
 
 def _cmd_limits(args: argparse.Namespace) -> int:

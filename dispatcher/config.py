@@ -86,6 +86,7 @@ class Settings:
     batch_size: int = 100  # ids per dispatch task from bulk producers
     in_flight: int = 256  # HTTP requests in flight per provider account in one worker process
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
+    schedule_grace: float = 3600.0  # a recurring occurrence missed by more than this is skipped
     throttle_wait: float = 2.0  # a batch reserves rate-limit slots at most this far ahead
     lease_seconds: float = 300.0  # a claim older than this is settled by the reaper
     poll_seconds: float = 2.0  # beat interval of the delivery-status poll

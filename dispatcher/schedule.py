@@ -3,6 +3,7 @@
 Each tick, in batches and with compare-and-set updates (so two beats, or a beat restarted
 mid-tick, never release a message twice):
 
+* recurring schedules store a message for each occurrence that has come (recurring.py);
 * waiting messages past `not_after` become `expired`;
 * `scheduled` messages whose due time has come become `queued` and are enqueued;
 * `queued` messages whose task was lost (broker flushed, Redis down at send time) are
@@ -21,6 +22,7 @@ from typing import Callable
 
 from . import runtime
 from .config import Settings
+from .recurring import fire_due
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.models import QUEUED, SCHEDULED, SENDING, UNKNOWN, utcnow
@@ -32,6 +34,7 @@ LOST_AFTER = timedelta(minutes=5)  # a queued message this far past due has lost
 
 @dataclass
 class TickReport:
+    recurring: int = 0  # occurrences of recurring schedules stored
     expired: int = 0
     released: int = 0
     requeued: int = 0
@@ -56,6 +59,7 @@ def tick(
         enqueue = enqueue_ids
     now = clock()
     report = TickReport()
+    report.recurring = fire_due(now)
     with session_scope(s.database_url) as db:
         report.expired = len(queries.expire_overdue(db, None, now))
     while True:
@@ -72,7 +76,7 @@ def tick(
         enqueue(lost, 0.0)
         report.requeued = len(lost)
     _reap(s, now, report, enqueue)
-    if report.released or report.expired or report.requeued or report.reaped_unknown or report.reaped_retry:
+    if report.recurring or report.released or report.expired or report.requeued or report.reaped_unknown or report.reaped_retry:
         log.info("tick: %s", report.as_dict())
     return report
 

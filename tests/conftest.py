@@ -122,6 +122,9 @@ def dispatcher_env(tmp_path, sandbox, redis_url, monkeypatch):
     monkeypatch.setenv("DISPATCHER_DATABASE_URL", f"sqlite:///{tmp_path / 'dispatcher.db'}")
     runtime.configure(None)
     yield tmp_path
+    from dispatcher.transport import process_loop
+
+    process_loop().drain(15)  # sends a worker started in the background finish inside their test
     runtime.configure(None)
     sandbox.reset()
 
@@ -160,3 +163,19 @@ def _close_http_loop():
     from dispatcher.transport import close_process_loop
 
     close_process_loop()
+
+
+@pytest.fixture()
+def broker_down(monkeypatch):
+    """send() cannot reach the broker: rows are stored `queued` and no task exists for them.
+
+    Tests that drive the dispatch themselves use it, so that the session's worker cannot pick
+    their messages up first.
+    """
+    from dispatcher import queue
+    from dispatcher.errors import BrokerUnavailable
+
+    def refuse(ids, countdown=0.0, batch_size=100):
+        raise BrokerUnavailable("broker unreachable (test)")
+
+    monkeypatch.setattr(queue, "enqueue", refuse)

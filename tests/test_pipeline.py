@@ -96,8 +96,8 @@ def test_same_idempotency_key_returns_the_first_message_and_sends_once(dispatche
     assert len(sandbox.requests("emsgnow")) == 1
 
 
-def test_cancelled_before_sending_never_goes_out(dispatcher_env, sandbox):
-    # no worker running: the message waits in the queue, then is cancelled
+def test_cancelled_before_sending_never_goes_out(dispatcher_env, sandbox, broker_down):
+    # no task for it: the message waits in the store, then is cancelled
     msg = dispatcher.send("alerts", "+14155550123", "cancel me")
     assert dispatcher.cancel(msg.id).status == "cancelled"
     from dispatcher.dispatch import dispatch_batch

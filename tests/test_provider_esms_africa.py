@@ -123,6 +123,9 @@ def test_account_defaults_fill_sender_id_and_route_and_a_message_overrides_them(
     (timedelta(days=6, hours=23), "2026-06-06T06:00:00Z"),
     (timedelta(seconds=400, microseconds=250_000), "2026-05-30T07:06:41Z"),  # rounded up, never early
     (timedelta(minutes=4), None),  # too soon for the provider: sent now
+    (timedelta(minutes=4, seconds=59), None),  # under the provider's 5 minutes
+    (timedelta(minutes=5, seconds=1), None),  # inside the window, but within the safety margin: sent at its time
+    (timedelta(days=7, minutes=1), None),  # over the provider's 7 days: the dispatcher holds it
     (timedelta(minutes=5, seconds=10), None),  # inside the safety margin
     (timedelta(days=8), None),  # too far: the dispatcher holds it
     (-timedelta(minutes=1), None),  # already due

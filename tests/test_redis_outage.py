@@ -16,7 +16,8 @@ class Enqueued(list):
         self.append((list(ids), countdown))
 
 
-def test_messages_wait_while_the_limiter_is_unreachable_and_go_once_it_is_back(dispatcher_env, sandbox, monkeypatch):
+def test_messages_wait_while_the_limiter_is_unreachable_and_go_once_it_is_back(dispatcher_env, sandbox, monkeypatch,
+                                                                                broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "through an outage")
     unreachable = RateLimiter.from_url("redis://127.0.0.1:1/0", timeout=0.5)  # nothing listens there
     reachable = runtime.limiter

@@ -17,7 +17,7 @@ class Enqueued(list):
         self.extend(ids)
 
 
-def test_a_claim_abandoned_mid_send_becomes_unknown_and_is_never_resent(dispatcher_env, sandbox):
+def test_a_claim_abandoned_mid_send_becomes_unknown_and_is_never_resent(dispatcher_env, sandbox, broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "worker dies after claiming")
     with session_scope(runtime.settings().database_url) as db:  # a worker claims it, then is killed
         [claimed] = queries.claim(db, [msg.id], utcnow())
@@ -42,8 +42,24 @@ def test_due_scheduled_messages_are_released_once_by_two_beats(dispatcher_env):
     assert dispatcher.get(msg.id).status == "queued"
 
 
-def test_a_queued_message_whose_task_was_lost_is_enqueued_again(dispatcher_env):
+def test_a_queued_message_whose_task_was_lost_is_enqueued_again(dispatcher_env, broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "the broker lost my task")
     sent = Enqueued()
     tick(clock=lambda: utcnow() + timedelta(minutes=10), enqueue=sent)
     assert sent == [msg.id]
+
+
+def test_messages_ahead_of_time_wait_in_the_store_and_go_at_their_time(dispatcher_env, sandbox):
+    now = datetime.now(timezone.utc)
+    leads = [timedelta(minutes=4, seconds=59), timedelta(minutes=5, seconds=1),
+             timedelta(days=6, hours=23), timedelta(days=7, minutes=1)]
+    msgs = [dispatcher.send("alerts", "+14155550123", "later", not_before=now + lead) for lead in leads]
+    assert {m.status for m in msgs} == {"scheduled"}
+    for m, lead in zip(msgs, leads):
+        sent = Enqueued()
+        tick(clock=lambda: now + lead - timedelta(seconds=1), enqueue=sent)  # nothing early
+        assert m.id not in sent
+        tick(clock=lambda: now + lead, enqueue=sent)
+        assert m.id in sent  # (earlier ones, released but never sent here, are swept again)
+    # none of them went early (the session's worker may still be sending an earlier test's message)
+    assert [r for r in sandbox.requests("emsgnow") if r.json and r.json.get("message") == "later"] == []

@@ -20,10 +20,11 @@ def store_url(request, tmp_path):
         url = request.getfixturevalue("pg_url")
         from sqlalchemy import create_engine
 
-        engine = create_engine(url.replace("postgresql+psycopg", "postgresql+psycopg"))
+        engine = create_engine(url)
         with engine.begin() as conn:  # a clean slate inside this session's schema
-            for table in ("events", "attempts", "messages", "alembic_version"):
-                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
+            tables = conn.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+            for (table,) in list(tables):
+                conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}" CASCADE')
         engine.dispose()
     upgrade(url)
     return url

@@ -23,6 +23,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _engines: dict[tuple[str, int], Engine] = {}
 _upgraded: set[tuple[str, int]] = set()
 _lock = threading.Lock()
+_migrating = threading.Lock()
 
 
 def normalize_url(url: str) -> str:
@@ -101,7 +102,9 @@ def upgrade(url: str) -> None:
     from alembic import command
 
     url = normalize_url(url)
-    with _file_lock(url):
+    # Alembic keeps its running context in module globals: two threads of one process must never
+    # migrate at once, even two different databases. The file lock covers other processes.
+    with _migrating, _file_lock(url):
         command.upgrade(alembic_config(url), "head")
     _upgraded.add((url, os.getpid()))
 

@@ -120,3 +120,20 @@ class Event(SQLModel, table=True):
     occurred_at: Optional[datetime] = _dt()
     recorded_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Schedule(SQLModel, table=True):
+    """A recurring reminder: a cron expression in its own time zone, and the message to send."""
+
+    __tablename__ = "schedules"
+
+    name: str = Field(primary_key=True, max_length=100)
+    cron: str = Field(max_length=100)
+    tz: str = Field(max_length=64)
+    provider: str = Field(max_length=100)
+    to: str = Field(max_length=64)
+    text: Optional[str] = Field(default=None, sa_column=Column(Text))
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    until: Optional[datetime] = _dt()
+    cursor: str = Field(max_length=19)  # the last local wall-clock time handled, "YYYY-MM-DDTHH:MM:SS"
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
