@@ -169,3 +169,29 @@ def test_a_hanging_provider_never_delays_another_providers_messages(all_kinds, c
     assert {dispatcher.get(mid).status for mid in slow} == {"sending"}
     for mid in slow:
         assert wait_for(lambda: settled(mid), timeout=30).status == "accepted"
+
+
+def test_cancel_recalls_an_sms_emnify_still_buffers_and_says_too_late_otherwise(all_kinds, broker_down):
+    from dispatcher.dispatch import dispatch_batch
+
+    from datetime import timedelta
+
+    from dispatcher.status import poll
+    from dispatcher.store.models import utcnow
+
+    sandbox = all_kinds
+    sandbox.configure("emnify", delivery_step=0.01)
+    buffered = dispatcher.send("iot", "4477", "device offline: emnify buffers it")  # endpoint ids ending 77
+    handed_over = dispatcher.send("fly", "8948010010036785060", "esimfly cannot recall")
+    assert dispatch_batch([buffered.id, handed_over.id]).statuses == {buffered.id: "accepted", handed_over.id: "accepted"}
+
+    def seen_buffered():  # the status poll reads what emnify says of it
+        poll(clock=lambda: utcnow() + timedelta(seconds=5))
+        return any("uffer" in e.provider_status for e in dispatcher.get(buffered.id).events)
+
+    wait_for(seen_buffered)
+    assert dispatcher.cancel(buffered.id).status == "cancelled"
+    [delete] = [r for r in sandbox.requests("emnify") if r.method == "DELETE"]
+    assert delete.path.startswith("/api/v1/endpoint/4477/sms/") and delete.status == 204
+    with pytest.raises(dispatcher.TooLate, match="already accepted"):
+        dispatcher.cancel(handed_over.id)

@@ -63,3 +63,42 @@ def test_messages_ahead_of_time_wait_in_the_store_and_go_at_their_time(dispatche
         assert m.id in sent  # (earlier ones, released but never sent here, are swept again)
     # none of them went early (the session's worker may still be sending an earlier test's message)
     assert [r for r in sandbox.requests("emsgnow") if r.json and r.json.get("message") == "later"] == []
+
+
+def test_not_after_expires_a_message_in_every_waiting_state(dispatcher_env, sandbox, broker_down):
+    from dispatcher.dispatch import dispatch_batch
+
+    now = datetime.now(timezone.utc)
+    deadline = now + timedelta(hours=1)
+    held = dispatcher.send("alerts", "+14155550123", "held", not_before=now + timedelta(minutes=30), not_after=deadline)
+    queued = dispatcher.send("alerts", "+14155550124", "queued", not_after=deadline)
+    retrying = dispatcher.send("alerts", "+14155550125", "retrying", not_after=deadline)
+    sandbox.set_faults("emsgnow", fail_next=1, fail_status=503)
+    assert dispatch_batch([retrying.id], enqueue=Enqueued()).statuses == {retrying.id: "queued"}  # waits to retry
+    report = tick(clock=lambda: deadline + timedelta(seconds=1), enqueue=Enqueued())
+    assert report.expired == 3
+    for m in (held, queued, retrying):
+        after = dispatcher.get(m.id)
+        assert (after.status, after.error_code) == ("expired", "expired")
+    assert dispatch_batch([held.id, queued.id, retrying.id]).claimed == 0  # and none goes out afterwards
+    assert len(sandbox.requests("emsgnow")) == 1  # only the failed first attempt
+
+
+def test_a_throttled_message_expires_rather_than_waiting_past_not_after(dispatcher_env, sandbox, broker_down):
+    from dispatcher.dispatch import dispatch_batch
+
+    now = datetime.now(timezone.utc)
+    msg = dispatcher.send("alerts", "+14155550123", "throttled", not_after=now + timedelta(minutes=5))
+    runtime.limiter().pause("alerts", now.timestamp() + 600)  # the provider asked for ten minutes
+    try:
+        assert dispatch_batch([msg.id], enqueue=Enqueued()).claimed == 0
+        assert dispatcher.get(msg.id).status in ("queued", "scheduled")  # waiting for its turn
+        tick(clock=lambda: now + timedelta(minutes=5, seconds=1), enqueue=Enqueued())
+    finally:
+        import redis
+
+        from dispatcher import keys
+
+        redis.Redis.from_url(runtime.settings().redis_url).delete(keys.rate_pause("alerts"))
+    assert dispatcher.get(msg.id).status == "expired"
+    assert sandbox.requests("emsgnow") == []
