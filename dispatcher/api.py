@@ -147,9 +147,7 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def get(message_id: str) -> Message:
-    s = runtime.settings()
-    ensure_schema(s.database_url)
-    with session_scope(s.database_url) as db:
+    with runtime.session() as db:
         row = queries.get_message(db, message_id)
         if row is None:
             raise NotFound(f"no message with id {message_id!r}")

@@ -27,7 +27,7 @@ from sqlalchemy import select, update
 
 from . import runtime
 from .errors import InvalidOption, InvalidTime, NotFound, ValidationError
-from .store.db import ensure_schema, session_scope
+from .store.db import session_scope
 from .store.models import Schedule, utcnow
 
 log = logging.getLogger("dispatcher.recurring")
@@ -86,9 +86,7 @@ def add_schedule(name: str, cron: str, tz: str, provider: str, to: str, text: st
         raise InvalidTime("until", "must be timezone-aware")
     build_row(provider, to, text, options=options)  # the same checks as send(), nothing stored
     now = clock()
-    s = runtime.settings()
-    ensure_schema(s.database_url)
-    with session_scope(s.database_url) as db:
+    with runtime.session() as db:
         if db.get(Schedule, name) is not None:
             raise ValidationError("name", f"a schedule named {name!r} exists already")
         db.add(Schedule(name=name, cron=cron, tz=tz, provider=provider, to=to, text=text, options=options,
@@ -97,32 +95,27 @@ def add_schedule(name: str, cron: str, tz: str, provider: str, to: str, text: st
 
 
 def get_schedule(name: str) -> Schedule:
-    s = runtime.settings()
-    ensure_schema(s.database_url)
-    with session_scope(s.database_url) as db:
-        row = db.get(Schedule, name)
-        if row is None:
-            raise NotFound(f"no schedule named {name!r}")
-        return row
+    with runtime.session() as db:
+        return _find(db, name)
 
 
 def list_schedules(clock: Callable[[], datetime] = utcnow) -> list[ScheduleView]:
-    s = runtime.settings()
-    ensure_schema(s.database_url)
-    with session_scope(s.database_url) as db:
+    with runtime.session() as db:
         rows = list(db.execute(select(Schedule).order_by(Schedule.name)).scalars())
     now = clock()
     return [_view(row, now) for row in rows]
 
 
 def remove_schedule(name: str) -> None:
-    s = runtime.settings()
-    ensure_schema(s.database_url)
-    with session_scope(s.database_url) as db:
-        row = db.get(Schedule, name)
-        if row is None:
-            raise NotFound(f"no schedule named {name!r}")
-        db.delete(row)
+    with runtime.session() as db:
+        db.delete(_find(db, name))
+
+
+def _find(db: Any, name: str) -> Schedule:
+    row = db.get(Schedule, name)
+    if row is None:
+        raise NotFound(f"no schedule named {name!r}")
+    return row
 
 
 def fire_due(now: datetime, send: Callable[..., Any] | None = None) -> int:

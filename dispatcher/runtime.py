@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .config import Settings, load_settings
 from .providers import adapter_class
 from .providers.base import Adapter
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from .ratelimit import RateLimiter
 
 _lock = threading.Lock()
@@ -24,6 +27,17 @@ def settings() -> Settings:
             if _settings is None:
                 _settings = load_settings()
     return _settings
+
+
+@contextmanager
+def session() -> Iterator["Session"]:
+    """A session on the configured store (schema brought up to date first); commits on success."""
+    from .store.db import ensure_schema, session_scope
+
+    url = settings().database_url
+    ensure_schema(url)
+    with session_scope(url) as db:
+        yield db
 
 
 def configure(new: Settings | None) -> None:
