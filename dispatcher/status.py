@@ -6,7 +6,8 @@ provider event once (unique per message and event id), and moves the message to 
 of its latest event. Final statuses never move back. Poll cadence backs off with age: the
 next poll comes a quarter of the message's age later (at least `poll_first`, at most
 `poll_max_interval`); past `poll_max_age` without a final status the message becomes
-`unknown`. Kinds without a status endpoint (esimfly, eSIM Access) never enter this loop:
+`unknown`. Polls go through the same global rate limiter as sends, which keep priority (see
+`_within_limits`). Kinds without a status endpoint (esimfly, eSIM Access) never enter this loop:
 their `accepted` is the last thing the dispatcher can know.
 """
 
@@ -25,6 +26,7 @@ from . import runtime, transport
 from .config import Settings
 from .dispatch import outbound
 from .providers.base import DeliveryEvent
+from .ratelimit import RateLimiterUnavailable
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.models import ACCEPTED, CANCELLED, DELIVERED, EXPIRED, FAILED, UNKNOWN, Message, utcnow
@@ -58,6 +60,7 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
             select(Message).where(Message.status == ACCEPTED, Message.due_at.is_not(None), Message.due_at <= now)
             .order_by(Message.due_at).limit(BATCH)
         ).scalars())
+    due = _within_limits(due, s)
     if not due:
         return report
     report.polled = len(due)
@@ -101,6 +104,28 @@ async def _fetch_all(messages: list[Message]) -> list[list[DeliveryEvent] | Base
         return adapter.parse_status(response, msg)
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+
+
+def _within_limits(due: list[Message], s: Settings) -> list[Message]:
+    """Only the polls the account's global rate limit has room for right now.
+
+    Sends book their slots up to `throttle_wait` ahead; a poll takes only a slot free at this
+    instant (max_wait 0), so sends have priority and a poll never pushes one back. What is left
+    out stays due and is tried at the next poll tick.
+    """
+    by_account: dict[str, list[Message]] = {}
+    for m in due:
+        by_account.setdefault(m.provider, []).append(m)
+    allowed: list[Message] = []
+    for account, messages in by_account.items():
+        rate = s.providers[account].rate_limit if account in s.providers else None
+        try:
+            granted = runtime.limiter().reserve(account, rate, len(messages), max_wait=0.0).granted
+        except RateLimiterUnavailable:
+            log.warning("rate limiter unreachable: status polls of %s wait for the next tick", account)
+            continue
+        allowed += messages[:granted]
+    return allowed
 
 
 def _final_status(events: list[DeliveryEvent]) -> str | None:
