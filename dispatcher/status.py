@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Callable
@@ -29,7 +30,18 @@ from .providers.base import DeliveryEvent
 from .ratelimit import RateLimiterUnavailable
 from .store import queries
 from .store.db import ensure_schema, session_scope
-from .store.models import ACCEPTED, CANCELLED, DELIVERED, EXPIRED, FAILED, UNKNOWN, Message, utcnow
+from .store.models import (
+    ACCEPTED,
+    CANCELLED,
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    SENDING,
+    UNKNOWN,
+    Message,
+    utcnow,
+)
 
 log = logging.getLogger("dispatcher.status")
 BATCH = 500
@@ -60,11 +72,11 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
             select(Message).where(Message.status == ACCEPTED, Message.due_at.is_not(None), Message.due_at <= now)
             .order_by(Message.due_at).limit(BATCH)
         ).scalars())
-    due = _within_limits(due, s)
+    due, send_at = _within_limits(due, s)
     if not due:
         return report
     report.polled = len(due)
-    fetched = transport.run(lambda: _fetch_all(due), s.in_flight)
+    fetched = transport.run(lambda: _fetch_all(due, send_at), s.in_flight)
     now = clock()
     with session_scope(s.database_url) as db:
         for m, events in zip(due, fetched):
@@ -92,13 +104,16 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
     return report
 
 
-async def _fetch_all(messages: list[Message]) -> list[list[DeliveryEvent] | BaseException]:
+async def _fetch_all(messages: list[Message], send_at: dict[str, float]) -> list[list[DeliveryEvent] | BaseException]:
     loop = transport.process_loop()
     client = loop.client()
 
     async def one(m: Message) -> list[DeliveryEvent]:
         adapter = runtime.adapter_for(m.provider)
         msg = outbound(m)
+        wait = send_at.get(m.id, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         response = await client.send(adapter.build_status_request(msg), auth=adapter.auth() or httpx.USE_CLIENT_DEFAULT)
         await response.aread()
         return adapter.parse_status(response, msg)
@@ -106,26 +121,39 @@ async def _fetch_all(messages: list[Message]) -> list[list[DeliveryEvent] | Base
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
 
 
-def _within_limits(due: list[Message], s: Settings) -> list[Message]:
-    """Only the polls the account's global rate limit has room for right now.
+def _within_limits(due: list[Message], s: Settings) -> tuple[list[Message], dict[str, float]]:
+    """The polls the account's global rate limit has room for, each with its send instant.
 
-    Sends book their slots up to `throttle_wait` ahead; a poll takes only a slot free at this
-    instant (max_wait 0), so sends have priority and a poll never pushes one back. What is left
-    out stays due and is tried at the next poll tick.
+    Sends keep priority: while an account has messages queued or being sent, a poll takes only
+    a slot free at this instant (max_wait 0) and never one a send could book; when nothing is
+    waiting to be sent, polls may book slots up to one poll interval ahead. What is left out
+    stays due and is tried at the next poll tick. Returns (messages, {id: monotonic instant}).
     """
     by_account: dict[str, list[Message]] = {}
     for m in due:
         by_account.setdefault(m.provider, []).append(m)
     allowed: list[Message] = []
+    send_at: dict[str, float] = {}
     for account, messages in by_account.items():
         rate = s.providers[account].rate_limit if account in s.providers else None
+        ahead = 0.0 if _sends_waiting(account, s) else s.poll_seconds
         try:
-            granted = runtime.limiter().reserve(account, rate, len(messages), max_wait=0.0).granted
+            r = runtime.limiter().reserve(account, rate, len(messages), max_wait=ahead)
         except RateLimiterUnavailable:
             log.warning("rate limiter unreachable: status polls of %s wait for the next tick", account)
             continue
-        allowed += messages[:granted]
-    return allowed
+        reserved_at = time.monotonic()
+        for m, delay in zip(messages, r.delays):
+            allowed.append(m)
+            send_at[m.id] = reserved_at + delay
+    return allowed, send_at
+
+
+def _sends_waiting(account: str, s: Settings) -> bool:
+    with session_scope(s.database_url) as db:
+        return db.execute(
+            select(Message.id).where(Message.provider == account, Message.status.in_([QUEUED, SENDING])).limit(1)
+        ).first() is not None
 
 
 def _final_status(events: list[DeliveryEvent]) -> str | None:
