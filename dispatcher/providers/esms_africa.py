@@ -184,6 +184,7 @@ class EsmsAfricaAdapter(Adapter):
     options = ("sender_id", "route")
     max_length = 1530
     has_status = True
+    status_batch_max = STATUS_BATCH_MAX
     idempotent_retry = True
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
@@ -267,6 +268,9 @@ class EsmsAfricaAdapter(Adapter):
         if data.get("status"):  # no timeline: the current status as the only event
             return timeline_events(message_id, [{"status": data["status"], "at": data.get("updated_at")}])
         return []
+
+    def is_final_word(self, word: str) -> bool:
+        return _STATUS.get(word.lower()) in ("delivered", "failed", "expired", "cancelled")
 
     def build_status_batch_request(self, refs: list[str]) -> httpx.Request:
         """GET /api/messages/status?ids=a,b,... for 1 to 100 message ids."""
