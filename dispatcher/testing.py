@@ -42,6 +42,29 @@ class WorkerProcesses:
                 env=self.env, stdout=log, stderr=subprocess.STDOUT))
         return self
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every worker answers a Celery ping: started, connected, consuming.
+
+        Measurements of a running pipeline start after this, so that workers still importing
+        and connecting (a second of CPU each) do not share the machine with the ones sending.
+        """
+        from .worker import create_app
+
+        app = create_app()  # the current environment's broker and key prefix, as the workers have
+        wanted = {f"w{i}-{os.getpid()}@" for i in range(self.count)}
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                replies = app.control.ping(timeout=0.5) or []
+                seen = {name.split("@")[0] + "@" for reply in replies for name in reply}
+                if wanted <= seen:
+                    return
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise RuntimeError(f"{len(wanted - seen)} of {self.count} worker(s) not ready within {timeout}s "
+                                       f"(logs in {self.logdir})")
+        finally:
+            app.close()
+
     def __exit__(self, *exc: object) -> None:
         for p in self.procs:
             if p.poll() is None:

@@ -38,9 +38,10 @@ def test_four_worker_processes_share_one_limit(dispatcher_env, monkeypatch):
         env = _env(dispatcher_env, provider, LIMITED.format(url=provider.base_url("emsgnow"),
                                                             key=provider.credentials("emsgnow")["api_key"]))
         monkeypatch.setenv("DISPATCHER_CONFIG", env["DISPATCHER_CONFIG"])
-        ids = dispatcher.send_many([{"provider": "limited", "to": f"+1415555{i:04d}", "text": f"n{i}"}
-                                    for i in range(400)])
-        with WorkerProcesses(count=4, env=env, concurrency=4):
+        with WorkerProcesses(count=4, env=env, concurrency=4) as workers:
+            workers.wait_ready()  # all four consuming before the first message is there to send
+            ids = dispatcher.send_many([{"provider": "limited", "to": f"+1415555{i:04d}", "text": f"n{i}"}
+                                        for i in range(400)])
             statuses = wait_until_settled(ids, timeout=60, interval=0.5)
         posts = [r["received_at"] for r in provider.requests("emsgnow") if r["method"] == "POST"]
     assert set(statuses.values()) == {"accepted"}
