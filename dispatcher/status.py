@@ -3,11 +3,12 @@
 A beat task runs `poll()`: it takes the accepted messages whose next poll is due (their
 `due_at`), asks each provider (concurrently, on the process's event loop), stores each
 provider event once (unique per message and event id), and moves the message to the status
-of its latest event. Final statuses never move back. Poll cadence backs off with age: the
-next poll comes a quarter of the message's age later (at least `poll_first`, at most
-`poll_max_interval`); past `poll_max_age` without a final status the message becomes
-`unknown`. Polls go through the same global rate limiter as sends, which keep priority (see
-`_within_limits`). Kinds without a status endpoint (esimfly, eSIM Access) never enter this loop:
+of its latest event, both through `intake.apply_events`, which the webhook receiver shares.
+Final statuses never move back. Poll cadence backs off with age: the next poll comes a
+quarter of the message's age later (at least `poll_first`, at most `poll_max_interval`);
+past `poll_max_age` without a final status the message becomes `unknown`. Polls go through
+the same global rate limiter as sends, which keep priority (see `_within_limits`). Kinds
+without a status endpoint (esimfly, eSIM Access) never enter this loop:
 their `accepted` is the last thing the dispatcher can know.
 """
 
@@ -26,16 +27,13 @@ from sqlalchemy import select
 from . import runtime, transport
 from .config import Settings
 from .dispatch import outbound
+from .intake import apply_events, event_row, final_status
 from .providers.base import DeliveryEvent
 from .ratelimit import RateLimiterUnavailable
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.models import (
     ACCEPTED,
-    CANCELLED,
-    DELIVERED,
-    EXPIRED,
-    FAILED,
     QUEUED,
     SENDING,
     UNKNOWN,
@@ -45,7 +43,8 @@ from .store.models import (
 
 log = logging.getLogger("dispatcher.status")
 BATCH = 500
-_FINAL_BY_EVENT = {"delivered": DELIVERED, "failed": FAILED, "expired": EXPIRED, "cancelled": CANCELLED}
+# Storing events and settling the message is intake.apply_events, shared with the webhook receiver.
+_final_status, _row = final_status, event_row
 
 
 @dataclass
@@ -84,12 +83,10 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
             if isinstance(events, BaseException):
                 log.info("status poll of %s failed: %s", m.id, type(events).__name__)
                 events = []
-            report.new_events += queries.add_events(db, m.id, [_row(e) for e in events])
-            final = _final_status(events)
-            if final is not None:
-                if queries.set_status(db, m.id, [ACCEPTED], {"status": final, "finished_at": now, "updated_at": now,
-                                                              "due_at": None, "provider_status": events[-1].provider_status}):
-                    report.finished += 1
+            intake = apply_events(db, m.id, events, now)
+            report.new_events += intake.new_events
+            if intake.final is not None:
+                report.finished += int(intake.finished)
             elif m.accepted_at and (now - m.accepted_at).total_seconds() > s.poll_max_age:
                 queries.set_status(db, m.id, [ACCEPTED], {
                     "status": UNKNOWN, "finished_at": now, "updated_at": now, "due_at": None,
@@ -97,10 +94,8 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
                     "error": f"no final delivery status after {s.poll_max_age / 3600:g} h of polling"})
                 report.gave_up += 1
             else:
-                values = {"due_at": next_poll(m.accepted_at or now, now, s), "updated_at": now}
-                if events:
-                    values["provider_status"] = events[-1].provider_status
-                queries.set_status(db, m.id, [ACCEPTED], values)
+                queries.set_status(db, m.id, [ACCEPTED], {"due_at": next_poll(m.accepted_at or now, now, s),
+                                                          "updated_at": now})
     return report
 
 
@@ -154,15 +149,3 @@ def _sends_waiting(account: str, s: Settings) -> bool:
         return db.execute(
             select(Message.id).where(Message.provider == account, Message.status.in_([QUEUED, SENDING])).limit(1)
         ).first() is not None
-
-
-def _final_status(events: list[DeliveryEvent]) -> str | None:
-    for e in reversed(events):
-        if e.status in _FINAL_BY_EVENT:
-            return _FINAL_BY_EVENT[e.status]
-    return None
-
-
-def _row(e: DeliveryEvent) -> dict:
-    return {"event_id": e.event_id, "status": e.status, "provider_status": e.provider_status,
-            "occurred_at": e.occurred_at, "recorded_at": utcnow(), "detail": e.detail or {}}
