@@ -48,6 +48,7 @@ class EmsgnowAdapter(Adapter):
     max_length = 160
     text_required = False  # a template may stand in for the text
     has_status = True
+    has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
         if not isinstance(to, str) or not _E164.match(to):

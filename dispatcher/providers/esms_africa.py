@@ -212,6 +212,7 @@ class EsmsAfricaAdapter(Adapter):
     options = ("sender_id", "route")
     max_length = 1530
     has_status = True
+    has_webhooks = True
     idempotent_retry = True
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
