@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import jwt
 import pytest
+from sqlalchemy import text
 
 import dispatcher
 from dispatcher import runtime
@@ -75,9 +76,19 @@ def receiver():
         yield r
 
 
-@pytest.fixture()
-def hooks(dispatcher_env, sandbox, broker_down, monkeypatch, receiver):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hooks(request, dispatcher_env, sandbox, broker_down, monkeypatch, receiver):
     from dispatcher.providers.emnify import clear_token_cache
+
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        from dispatcher.store.db import session_scope, upgrade
+
+        upgrade(url)
+        with session_scope(url) as db:  # polls take every accepted message: start from an empty store
+            for table in ("events", "attempts", "messages"):
+                db.execute(text(f"DELETE FROM {table}"))
+        monkeypatch.setenv("DISPATCHER_DATABASE_URL", url)
 
     c = sandbox.credentials
     extra = ACCOUNTS.format(
@@ -397,3 +408,36 @@ def test_emsgnow_token_check():
     assert not verify_token(EMSGNOW_SECRET, EMSGNOW_SECRET[:-1])
     assert not verify_token(EMSGNOW_SECRET, "")
     assert not verify_token(EMSGNOW_SECRET, None)
+
+
+# --------------------------------------------------------------------------- configuration
+def test_check_config_never_prints_the_webhook_secret_nor_a_callback_token(tmp_path, capsys):
+    from dispatcher.cli import main
+
+    path = tmp_path / "d.toml"
+    path.write_text(f'''
+[providers.hooks]
+kind = "emsgnow"
+base_url = "https://api.emsgnow.example"
+api_key = "k"
+from = "ACME"
+webhook_secret = "{EMSGNOW_SECRET}"
+callback_url = "https://dispatcher.example/webhooks/hooks?token={EMSGNOW_SECRET}"
+''')
+    assert main(["check-config", "--file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "webhook_secret=***" in out and "/webhooks/hooks?token=***" in out
+    assert EMSGNOW_SECRET not in out
+
+
+@pytest.mark.parametrize("kind_lines,problem", [
+    ('kind = "emsgnow"\napi_key = "k"\nwebhook_secret = ""', "webhook_secret: must be a non-empty string"),
+    ('kind = "esimfly"\naccess_code = "a"\nsecret_key = "s"\nwebhook_secret = "x"', "webhook_secret: unknown key"),
+])
+def test_webhook_secret_is_checked_where_it_is_configured(tmp_path, capsys, kind_lines, problem):
+    from dispatcher.cli import main
+
+    path = tmp_path / "d.toml"
+    path.write_text(f'[providers.p]\nbase_url = "https://x.example"\n{kind_lines}\n')
+    assert main(["check-config", "--file", str(path)]) == 2
+    assert problem in capsys.readouterr().err
