@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from datetime import datetime
@@ -236,6 +237,7 @@ def _cmd_webhooks(args: argparse.Namespace) -> int:
     from .webhooks import serve
 
     runtime.settings()  # a broken config is bad input (exit 2) before anything listens
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(host=args.host, port=args.port)
     return EXIT_OK
 

@@ -441,3 +441,33 @@ def test_webhook_secret_is_checked_where_it_is_configured(tmp_path, capsys, kind
     path.write_text(f'[providers.p]\nbase_url = "https://x.example"\n{kind_lines}\n')
     assert main(["check-config", "--file", str(path)]) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_the_webhooks_command_serves_in_the_foreground_until_sigterm(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    config = tmp_path / "d.toml"
+    config.write_text(f'[providers.hooks]\nkind = "emsgnow"\nbase_url = "https://api.emsgnow.example"\n'
+                      f'api_key = "k"\nfrom = "ACME"\nwebhook_secret = "{EMSGNOW_SECRET}"\n')
+    env = dict(os.environ, DISPATCHER_CONFIG=str(config), PYTHONUNBUFFERED="1",
+               DISPATCHER_DATABASE_URL=f"sqlite:///{tmp_path / 'd.db'}")
+    proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "webhooks", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        url = re.search(r"http://\S+", first).group(0)
+        assert "/webhooks/hooks?token=<webhook_secret>" in proc.stdout.readline()
+        event = {"id": "e1", "message": {"trackingId": "nosuch", "status": "delivered"}}
+        refused = httpx.post(f"{url}/webhooks/hooks", params={"token": "wrong"}, json=event)
+        unknown = httpx.post(f"{url}/webhooks/hooks", params={"token": EMSGNOW_SECRET}, json=event)
+        assert (refused.status_code, unknown.status_code) == (401, 202)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "webhook refused for account hooks: the token query parameter is wrong" in err
+    assert "names no known message" in err
+    assert EMSGNOW_SECRET not in err
