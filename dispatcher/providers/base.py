@@ -241,6 +241,7 @@ class Adapter:
     text_required: ClassVar[bool] = True
     default_rate_limit: ClassVar[str | None] = None
     has_status: ClassVar[bool] = False  # a delivery status endpoint exists
+    status_batch_max: ClassVar[int] = 0  # ids one status-check request may ask about (0: no such form)
     idempotent_retry: ClassVar[bool] = False  # a reused attempt_key makes a resend harmless
     has_webhooks: ClassVar[bool] = False  # `dispatcher webhooks` takes its delivery reports (key WEBHOOK_SECRET_KEY)
 
@@ -321,6 +322,18 @@ class Adapter:
 
     def parse_status(self, response: httpx.Response, msg: OutboundMessage) -> list[DeliveryEvent]:
         raise NotImplementedError(f"{self.kind} has no delivery status endpoint")
+
+    # ---- batched status checks (kinds with `status_batch_max`): the current word of many messages at once
+    def build_status_batch_request(self, refs: list[str]) -> httpx.Request:
+        raise NotImplementedError(f"{self.kind} has no batched status endpoint")
+
+    def parse_status_batch(self, response: httpx.Response) -> dict[str, str]:
+        """{provider ref: the provider's current status word} for every message the answer lists."""
+        raise NotImplementedError(f"{self.kind} has no batched status endpoint")
+
+    def is_final_word(self, word: str) -> bool:
+        """Whether a status word of the batched check means the provider has finished with the message."""
+        return False
 
     # ---- cancel of a message the provider holds (kinds that can)
     async def cancel(self, client: httpx.AsyncClient, msg: OutboundMessage) -> bool:

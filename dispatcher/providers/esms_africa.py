@@ -213,6 +213,7 @@ class EsmsAfricaAdapter(Adapter):
     max_length = 1530
     has_status = True
     has_webhooks = True
+    status_batch_max = STATUS_BATCH_MAX
     idempotent_retry = True
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
@@ -290,6 +291,9 @@ class EsmsAfricaAdapter(Adapter):
         if response.status_code != 200 or not isinstance(data, dict):
             return []
         return events_from_message(data, msg.provider_ref)
+
+    def is_final_word(self, word: str) -> bool:
+        return _STATUS.get(word.lower()) in ("delivered", "failed", "expired", "cancelled")
 
     def build_status_batch_request(self, refs: list[str]) -> httpx.Request:
         """GET /api/messages/status?ids=a,b,... for 1 to 100 message ids."""
