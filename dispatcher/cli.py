@@ -1,4 +1,4 @@
-"""The `dispatcher` command: send, status, cancel, schedule, limits, worker, beat, check-config, sandbox, demo, db.
+"""The `dispatcher` command: send, status, cancel, schedule, limits, worker, beat, check-config, sandbox, webhooks, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from datetime import datetime
@@ -111,6 +112,11 @@ def _build_parser() -> _Parser:
     sb.add_argument("--latency-ms", type=int, default=0, help="answer every request after this delay")
     sb.set_defaults(handler=_cmd_sandbox)
 
+    wh = sub.add_parser("webhooks", help="receive delivery reports (eMsgNow, eSMS Africa, emnify) at /webhooks/ACCOUNT")
+    wh.add_argument("--host", default="127.0.0.1")
+    wh.add_argument("--port", type=int, default=8780)
+    wh.set_defaults(handler=_cmd_webhooks)
+
     d = sub.add_parser("demo", help="the whole pipeline on the sandbox, end to end")
     d.add_argument("--keep", action="store_true", help="keep the demo's working directory")
     d.set_defaults(handler=_cmd_demo)
@@ -204,6 +210,7 @@ def _cmd_limits(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_settings
+    from .redact import hide_url_secrets
 
     s = load_settings(args.file)
     source = s.source or "(no file: defaults and environment)"
@@ -212,7 +219,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  redis:    {_hide_password(s.redis_url)}")
     for name, acc in s.providers.items():
         rate = str(acc.rate_limit) if acc.rate_limit else "unlimited"
-        shown = ", ".join(f"{k}={'***' if k in acc.secret_fields else v}" for k, v in acc.fields.items())
+        shown = ", ".join(f"{k}={'***' if k in acc.secret_fields else hide_url_secrets(v)}"
+                          for k, v in acc.fields.items())
         print(f"  provider {name}: kind={acc.kind} base_url={acc.base_url} rate_limit={rate} {shown}")
     return EXIT_OK
 
@@ -221,6 +229,16 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     from .sandbox.server import serve
 
     serve(host=args.host, port=args.port, latency_ms=args.latency_ms)
+    return EXIT_OK
+
+
+def _cmd_webhooks(args: argparse.Namespace) -> int:
+    from . import runtime
+    from .webhooks import serve
+
+    runtime.settings()  # a broken config is bad input (exit 2) before anything listens
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(host=args.host, port=args.port)
     return EXIT_OK
 
 

@@ -194,13 +194,16 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise ConfigError(where.say(table, "timeout", f"must be a number of seconds > 0, got {timeout!r}"))
     fields = {k: v for k, v in raw.items() if k not in ACCOUNT_KEYS}
-    allowed = set(cls.credentials) | set(cls.optional_credentials) | set(cls.defaults)
+    allowed = cls.account_keys()
     for key in fields:
         if key not in allowed:
             raise ConfigError(where.say(table, key, f"unknown key for kind {kind!r} (allowed: {', '.join(sorted(allowed)) or 'none'})"))
     for key in cls.credentials:
         if not fields.get(key):
             raise ConfigError(where.say(table, None, f"missing credential {key!r} for kind {kind!r}"))
+    secret = fields.get("webhook_secret")
+    if secret is not None and (not isinstance(secret, str) or not secret):
+        raise ConfigError(where.say(table, "webhook_secret", "must be a non-empty string (e.g. \"${WEBHOOK_SECRET}\")"))
     for key, default in cls.optional_credentials.items():
         fields.setdefault(key, default)
     account = ProviderAccount(

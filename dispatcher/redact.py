@@ -1,6 +1,10 @@
-"""Masking for logs: phone numbers and other addresses never appear whole."""
+"""Masking for logs and printouts: phone numbers never appear whole, URL tokens not at all."""
 
 from __future__ import annotations
+
+import re
+
+_URL_TOKEN = re.compile(r"([?&](?:token|secret|key|signature)=)[^&#\s]*", re.IGNORECASE)
 
 
 def mask(address: str | None) -> str:
@@ -11,3 +15,14 @@ def mask(address: str | None) -> str:
     if len(text) <= 6:
         return "*" * len(text)
     return text[:3] + "*" * (len(text) - 6) + text[-3:]
+
+
+def hide_url_secrets(value: object) -> object:
+    """A URL with the values of its token / secret / key / signature query parameters starred.
+
+    An eMsgNow callback URL carries the webhook token (`?token=...`); anything not a string
+    comes back unchanged.
+    """
+    if not isinstance(value, str):
+        return value
+    return _URL_TOKEN.sub(r"\1***", value)

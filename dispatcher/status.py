@@ -3,14 +3,15 @@
 A beat task runs `poll()`: it takes the accepted messages whose next poll is due (their
 `due_at`), asks each provider (concurrently, on the process's event loop), stores each
 provider event once (unique per message and event id), and moves the message to the status
-of its latest event. Final statuses never move back. Poll cadence backs off with age: the
-next poll comes a quarter of the message's age later (at least `poll_first`, at most
-`poll_max_interval`); past `poll_max_age` without a final status the message becomes
-`unknown`. Polls go through the same global rate limiter as sends, which keep priority (see
-`_within_limits`). Kinds with a batched status form (eSMS Africa, up to 100 ids a request) are
-first checked in batches, and a message is fetched in full only once the provider has finished
-with it (`_check_in_batches`). Kinds without a status endpoint (esimfly, eSIM Access) never enter this loop:
-their `accepted` is the last thing the dispatcher can know.
+of its latest event, both through `intake.apply_events`, which the webhook receiver shares.
+Final statuses never move back. Poll cadence backs off with age: the next poll comes a
+quarter of the message's age later (at least `poll_first`, at most `poll_max_interval`);
+past `poll_max_age` without a final status the message becomes `unknown`. Polls go through
+the same global rate limiter as sends, which keep priority (see `_within_limits`). Kinds
+with a batched status form (eSMS Africa, up to 100 ids a request) are first checked in
+batches, and a message is fetched in full only once the provider has finished with it
+(`_check_in_batches`). Kinds without a status endpoint (esimfly, eSIM Access) never enter
+this loop: their `accepted` is the last thing the dispatcher can know.
 """
 
 from __future__ import annotations
@@ -28,16 +29,13 @@ from sqlalchemy import select
 from . import runtime, transport
 from .config import Settings
 from .dispatch import outbound
+from .intake import apply_events
 from .providers.base import DeliveryEvent
 from .ratelimit import RateLimiterUnavailable
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.models import (
     ACCEPTED,
-    CANCELLED,
-    DELIVERED,
-    EXPIRED,
-    FAILED,
     QUEUED,
     SENDING,
     UNKNOWN,
@@ -48,7 +46,6 @@ from .store.models import (
 log = logging.getLogger("dispatcher.status")
 BATCH = 500
 T = TypeVar("T")
-_FINAL_BY_EVENT = {"delivered": DELIVERED, "failed": FAILED, "expired": EXPIRED, "cancelled": CANCELLED}
 
 
 @dataclass
@@ -98,13 +95,15 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
 
 def _take(db, m: Message, events: list[DeliveryEvent], now: datetime, s: Settings, report: PollReport,
           provider_status: str | None = None) -> None:
-    """Store what one poll learned of one message: its new events, then its status or next poll."""
-    report.new_events += queries.add_events(db, m.id, [_row(e) for e in events])
-    final = _final_status(events)
-    if final is not None:
-        if queries.set_status(db, m.id, [ACCEPTED], {"status": final, "finished_at": now, "updated_at": now,
-                                                      "due_at": None, "provider_status": events[-1].provider_status}):
-            report.finished += 1
+    """Store what one poll learned of one message: its new events, then its status or next poll.
+
+    Events and a final status go through `intake.apply_events` (shared with the webhook
+    receiver); `provider_status` is a batched check's word for a message it did not fetch.
+    """
+    intake = apply_events(db, m.id, events, now)
+    report.new_events += intake.new_events
+    if intake.final is not None:
+        report.finished += int(intake.finished)
     elif m.accepted_at and (now - m.accepted_at).total_seconds() > s.poll_max_age:
         queries.set_status(db, m.id, [ACCEPTED], {
             "status": UNKNOWN, "finished_at": now, "updated_at": now, "due_at": None,
@@ -113,9 +112,7 @@ def _take(db, m: Message, events: list[DeliveryEvent], now: datetime, s: Setting
         report.gave_up += 1
     else:
         values = {"due_at": next_poll(m.accepted_at or now, now, s), "updated_at": now}
-        if events:
-            provider_status = events[-1].provider_status
-        if provider_status is not None:
+        if provider_status is not None and not events:
             values["provider_status"] = provider_status
         queries.set_status(db, m.id, [ACCEPTED], values)
 
@@ -242,15 +239,3 @@ def _sends_waiting(account: str, s: Settings) -> bool:
         return db.execute(
             select(Message.id).where(Message.provider == account, Message.status.in_([QUEUED, SENDING])).limit(1)
         ).first() is not None
-
-
-def _final_status(events: list[DeliveryEvent]) -> str | None:
-    for e in reversed(events):
-        if e.status in _FINAL_BY_EVENT:
-            return _FINAL_BY_EVENT[e.status]
-    return None
-
-
-def _row(e: DeliveryEvent) -> dict:
-    return {"event_id": e.event_id, "status": e.status, "provider_status": e.provider_status,
-            "occurred_at": e.occurred_at, "recorded_at": utcnow(), "detail": e.detail or {}}

@@ -225,6 +225,9 @@ class HeaderAuth(httpx.Auth):
 
 
 # --------------------------------------------------------------------------- the adapter
+WEBHOOK_SECRET_KEY = "webhook_secret"  # optional account key of kinds with webhooks (see dispatcher/webhooks.py)
+
+
 class Adapter:
     """Base of every provider kind. Subclasses declare, validate, build and parse."""
 
@@ -240,13 +243,21 @@ class Adapter:
     has_status: ClassVar[bool] = False  # a delivery status endpoint exists
     status_batch_max: ClassVar[int] = 0  # ids one status-check request may ask about (0: no such form)
     idempotent_retry: ClassVar[bool] = False  # a reused attempt_key makes a resend harmless
+    has_webhooks: ClassVar[bool] = False  # `dispatcher webhooks` takes its delivery reports (key WEBHOOK_SECRET_KEY)
 
     def __init__(self, account: ProviderAccount) -> None:
         self.account = account
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
-        return cls.credentials
+        """Account fields never shown: the credentials, and the webhook secret where there is one."""
+        return cls.credentials + ((WEBHOOK_SECRET_KEY,) if cls.has_webhooks else ())
+
+    @classmethod
+    def account_keys(cls) -> set[str]:
+        """Every kind-specific key an account of this kind may set."""
+        keys = set(cls.credentials) | set(cls.optional_credentials) | set(cls.defaults)
+        return (keys | {WEBHOOK_SECRET_KEY}) if cls.has_webhooks else keys
 
     # ---- validation (before anything is stored)
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:

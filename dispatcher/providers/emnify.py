@@ -36,6 +36,7 @@
   status (ids 1 pending, 2 in progress, 3 buffered, 4 delivered, 5 failed, 6 expired,
   7 canceled), event id "{sms_id}:{status_id}". A long text is followed by its last part.
   Status requests must be sent with `auth=adapter.auth()` (they need the token too).
+  `sms_events` reads the SMS object, for the poll and for delivery-report callbacks alike.
 * Cancel: `DELETE /api/v1/endpoint/{id}/sms/{sms_id}` of every part of a buffered SMS.
 """
 
@@ -354,6 +355,7 @@ class EmnifyAdapter(Adapter):
     max_length = 153 * MAX_PARTS  # 1530 GSM-7 characters; UCS-2 is bounded by MAX_PARTS instead
     default_rate_limit = "2000/5m"
     has_status = True
+    has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
         if not isinstance(to, str) or not _ENDPOINT_ID.match(to):
@@ -488,23 +490,7 @@ class EmnifyAdapter(Adapter):
         data = json_or_none(response)
         if response.status_code != 200 or not isinstance(data, dict):
             return []
-        status = data.get("status") if isinstance(data.get("status"), dict) else {}
-        try:
-            status_id = int(status.get("id"))
-        except (TypeError, ValueError):
-            return []
-        sms_id = data.get("id")
-        if sms_id is None:
-            sms_id = (split_ref(msg.provider_ref)[1] or ["?"])[-1]
-        normalized = _STATUS.get(status_id, "accepted")
-        return [DeliveryEvent(
-            event_id=f"{sms_id}:{status_id}",
-            status=normalized,
-            provider_status=str(status.get("description") or status_id),
-            occurred_at=_from_epoch(_status_time(data, normalized)),
-            detail={k: data.get(k) for k in ("submit_date", "delivery_date", "final_date", "expiry_date",
-                                              "retry_date", "retry_count") if data.get(k) is not None},
-        )]
+        return sms_events(data, (split_ref(msg.provider_ref)[1] or ["?"])[-1])
 
     # ---- cancel
     async def cancel(self, client: httpx.AsyncClient, msg: OutboundMessage) -> bool:
@@ -524,6 +510,31 @@ class EmnifyAdapter(Adapter):
                 continue
             cancelled = cancelled and response.status_code in (200, 204)
         return cancelled
+
+
+def sms_events(data: dict[str, Any], fallback_sms_id: str | None = None) -> list[DeliveryEvent]:
+    """The one event of an SMS object (id, status {id, description}, dates): its current status.
+
+    Read from the status endpoint and from the delivery-report callback (a PATCH whose body is
+    the SMS object). Event id "{sms_id}:{status_id}"; nothing when the status id is unreadable.
+    """
+    status = data.get("status") if isinstance(data.get("status"), dict) else {}
+    try:
+        status_id = int(status.get("id"))
+    except (TypeError, ValueError):
+        return []
+    sms_id = data.get("id")
+    if sms_id is None:
+        sms_id = fallback_sms_id or "?"
+    normalized = _STATUS.get(status_id, "accepted")
+    return [DeliveryEvent(
+        event_id=f"{sms_id}:{status_id}",
+        status=normalized,
+        provider_status=str(status.get("description") or status_id),
+        occurred_at=_from_epoch(_status_time(data, normalized)),
+        detail={k: data.get(k) for k in ("submit_date", "delivery_date", "final_date", "expiry_date",
+                                          "retry_date", "retry_count") if data.get(k) is not None},
+    )]
 
 
 def _status_time(data: dict[str, Any], normalized: str) -> float | None:

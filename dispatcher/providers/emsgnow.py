@@ -48,6 +48,7 @@ class EmsgnowAdapter(Adapter):
     max_length = 160
     text_required = False  # a template may stand in for the text
     has_status = True
+    has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
         if not isinstance(to, str) or not _E164.match(to):
@@ -118,21 +119,51 @@ class EmsgnowAdapter(Adapter):
         data = json_or_none(response)
         if response.status_code != 200 or not isinstance(data, dict):
             return []
-        events = []
-        for item in data.get("events") or []:
-            inner = item.get("message") or {}
-            word = str(inner.get("status", "")).lower()
-            at = parse_time(inner.get("statusAt") or item.get("timestamp"))
-            events.append(
-                DeliveryEvent(
-                    event_id=str(item.get("id")),
-                    status=_STATUS.get(word, "accepted"),
-                    provider_status=word,
-                    occurred_at=None if at is None else _from_epoch(at),
-                    detail={"additionalInfo": inner.get("additionalInfo") or {}},
-                )
+        return events_from_items(data.get("events") or [])
+
+
+# --------------------------------------------------------------------------- pure event readers
+def events_from_items(items: Any) -> list[DeliveryEvent]:
+    """DeliveryEvents from eMsgNow event objects {"id", "message": {status, statusAt, ...}, "timestamp"}."""
+    events = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or item.get("id") in (None, ""):
+            continue
+        inner = item.get("message") if isinstance(item.get("message"), dict) else {}
+        word = str(inner.get("status", "")).lower()
+        at = parse_time(inner.get("statusAt") or item.get("timestamp"))
+        events.append(
+            DeliveryEvent(
+                event_id=str(item.get("id")),
+                status=_STATUS.get(word, "accepted"),
+                provider_status=word,
+                occurred_at=None if at is None else _from_epoch(at),
+                detail={"additionalInfo": inner.get("additionalInfo") or {}},
             )
-        return events
+        )
+    return events
+
+
+def callback_events(data: Any) -> tuple[str | None, list[DeliveryEvent]]:
+    """(trackingId, events) from a body eMsgNow posts to a message's callbackUrl.
+
+    The seed documents no callback body, so every shape its API uses for events is read: one
+    event object as `GET /sms/:id/events/:eventId` returns it ({"messageId"?, "id", "message":
+    {"trackingId", "status", "statusAt", ...}, "timestamp"}), the `/events` listing
+    ({"messageId", "events": [...]}), or a bare list of event objects.
+    """
+    if isinstance(data, list):
+        items, tracking_id = data, None
+    elif isinstance(data, dict) and isinstance(data.get("events"), list):
+        items, tracking_id = data["events"], data.get("messageId") or data.get("trackingId")
+    elif isinstance(data, dict):
+        items, tracking_id = [data], data.get("messageId") or data.get("trackingId")
+    else:
+        return None, []
+    if not tracking_id:
+        tracking_id = next((item["message"].get("trackingId") for item in items if isinstance(item, dict)
+                            and isinstance(item.get("message"), dict) and item["message"].get("trackingId")), None)
+    return (str(tracking_id) if tracking_id else None), events_from_items(items)
 
 
 def _from_epoch(value: float):  # type: ignore[no-untyped-def]

@@ -26,6 +26,8 @@
   delivered, failed. A "failed" entry followed by a later "retrying" was not the end (the
   provider retries a failed message up to twice), so it reads as pending.
   The batch form GET /api/messages/status?ids=a,b (at most 100) has its own builder/parser.
+* Delivery webhooks (final state only, signed `X-Webhook-Signature: sha256=<hex>`) carry the
+  same message object; `events_from_message` reads both (see dispatcher/webhooks.py).
 """
 
 from __future__ import annotations
@@ -169,6 +171,32 @@ def timeline_events(message_id: str, timeline: Iterable[Any]) -> list[DeliveryEv
     return events
 
 
+def events_from_message(data: dict[str, Any], fallback_id: str | None = None) -> list[DeliveryEvent]:
+    """The events of a message object {"id", "status", "updated_at", "timeline": [...]}.
+
+    Without a timeline, the current status is the only event. The same reader serves the
+    status endpoint and the delivery webhook, whose body is the message object.
+    """
+    message_id = str(data.get("id") or fallback_id or "")
+    timeline = data.get("timeline")
+    if isinstance(timeline, list) and timeline:
+        return timeline_events(message_id, timeline)
+    if data.get("status"):
+        return timeline_events(message_id, [{"status": data["status"], "at": data.get("updated_at")}])
+    return []
+
+
+def webhook_message(data: Any) -> dict[str, Any] | None:
+    """The message object a delivery webhook carries: the body itself, or its `data` / `message`."""
+    if not isinstance(data, dict):
+        return None
+    for name in ("data", "message"):
+        inner = data.get(name)
+        if isinstance(inner, dict) and inner.get("id") is not None:
+            return inner
+    return data if data.get("id") is not None else None
+
+
 def _first(entry: dict[str, Any], *names: str) -> Any:
     for name in names:
         if entry.get(name) not in (None, ""):
@@ -184,6 +212,7 @@ class EsmsAfricaAdapter(Adapter):
     options = ("sender_id", "route")
     max_length = 1530
     has_status = True
+    has_webhooks = True
     status_batch_max = STATUS_BATCH_MAX
     idempotent_retry = True
 
@@ -261,13 +290,7 @@ class EsmsAfricaAdapter(Adapter):
         data = json_or_none(response)
         if response.status_code != 200 or not isinstance(data, dict):
             return []
-        message_id = str(data.get("id") or msg.provider_ref)
-        timeline = data.get("timeline")
-        if isinstance(timeline, list) and timeline:
-            return timeline_events(message_id, timeline)
-        if data.get("status"):  # no timeline: the current status as the only event
-            return timeline_events(message_id, [{"status": data["status"], "at": data.get("updated_at")}])
-        return []
+        return events_from_message(data, msg.provider_ref)
 
     def is_final_word(self, word: str) -> bool:
         return _STATUS.get(word.lower()) in ("delivered", "failed", "expired", "cancelled")

@@ -60,6 +60,7 @@ class Message(SQLModel, table=True):
     __tablename__ = "messages"
     __table_args__ = (
         Index("ix_messages_status_due", "status", "due_at"),
+        Index("ix_messages_provider_ref", "provider", "provider_ref"),  # webhooks find a message by the provider's id
         UniqueConstraint("idempotency_key", name="uq_messages_idempotency_key"),
     )
 
