@@ -272,13 +272,18 @@ def settle(
         v.update(status=REJECTED, error_code=outcome.code, error=outcome.message, finished_at=now)
         kind = "rejected"
     elif isinstance(outcome, RetryLater):
-        kind = "retry"
+        # A 429 is the provider's own limit speaking: the message waits for its turn (the pause
+        # is learned for the whole account) and, as with our own throttling, no attempt is spent.
+        throttled = result.http_status == 429
+        kind = "throttled" if throttled else "retry"
         v.update(error_code=outcome.code, error=outcome.message)
-        delay = backoff(m.attempts, s.retry_base, s.retry_cap)
+        if throttled:
+            v["attempts"] = m.attempts - 1
+        delay = backoff(v["attempts"], s.retry_base, s.retry_cap)
         if outcome.retry_at is not None:
             delay = max(delay, outcome.retry_at - now.timestamp())
         due = now + timedelta(seconds=delay)
-        if m.attempts >= s.max_attempts:
+        if not throttled and m.attempts >= s.max_attempts:
             v.update(status=FAILED, finished_at=now,
                      error=f"gave up after {m.attempts} attempts; last: {outcome.code} {outcome.message}".strip())
         elif m.not_after is not None and due > m.not_after:
@@ -307,7 +312,7 @@ def _has_status(account: str) -> bool:
 
 def _unchanged(m: Message, now: datetime) -> dict:
     return {
-        "status": m.status, "due_at": m.due_at, "attempt_key": m.attempt_key, "provider_ref": m.provider_ref,
+        "status": m.status, "attempts": m.attempts, "due_at": m.due_at, "attempt_key": m.attempt_key, "provider_ref": m.provider_ref,
         "provider_status": m.provider_status, "segments": m.segments, "cost": m.cost,
         "cost_currency": m.cost_currency, "error_code": m.error_code, "error": m.error,
         "accepted_at": m.accepted_at, "finished_at": m.finished_at, "claimed_at": None, "updated_at": now,

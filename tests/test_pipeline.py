@@ -70,6 +70,16 @@ def test_retries_are_bounded_and_end_failed(dispatcher_env, celery_worker_thread
     assert len(sandbox.requests("emsgnow")) == 4
 
 
+def test_the_providers_own_429s_spend_no_attempt(dispatcher_env, celery_worker_thread, sandbox):
+    sandbox.set_faults("emsgnow", fail_next=5, fail_status=429)  # more 429s than max_attempts (4)
+    msg = dispatcher.send("alerts", "+14155550123", "waits its turn")
+    done = wait_for(lambda: final(msg.id), timeout=30)
+    assert done.status == "accepted"
+    assert [a.outcome for a in done.attempt_log] == ["throttled"] * 5 + ["accepted"]
+    assert done.attempts == 1
+    assert len(sandbox.requests("emsgnow")) == 6
+
+
 def test_a_permanent_error_ends_rejected_with_the_providers_words(dispatcher_env, celery_worker_thread, sandbox):
     msg = dispatcher.send("badkey", "+14155550123", "refused")
     done = wait_for(lambda: final(msg.id))

@@ -145,7 +145,7 @@ class Settlement:
 
 
 _SETTLE_COLUMNS = (
-    "status", "due_at", "attempt_key", "provider_ref", "provider_status", "segments", "cost",
+    "status", "attempts", "due_at", "attempt_key", "provider_ref", "provider_status", "segments", "cost",
     "cost_currency", "error_code", "error", "accepted_at", "finished_at", "claimed_at", "updated_at",
 )
 
