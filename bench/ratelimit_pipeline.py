@@ -1,6 +1,6 @@
 """Rate-limit accuracy of the whole pipeline with 1, 2 and 4 worker processes.
 
-Run by hand: `.venv/bin/python bench/ratelimit_pipeline.py [--rate 20/s] [--messages 200]`.
+Run by hand: `.venv/bin/python bench/ratelimit_pipeline.py [--rate 20/s] [--messages 400]`.
 Needs Redis (DISPATCHER_REDIS_URL, default redis://localhost:6379/0). For each worker count it
 starts a sandbox process (the provider, counting arrivals), N `dispatcher worker` processes,
 sends the messages with send_many(), and prints achieved rate / configured rate and the most
@@ -34,9 +34,10 @@ def run(workers: int, rate_text: str, messages: int) -> tuple[float, int, float]
                      f'api_key = "{provider.credentials("emsgnow")["api_key"]}"\nfrom = "BENCH"\nrate_limit = "{rate_text}"\n')
         os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=f"sqlite:///{work}/bench.db")
         runtime.configure(None)
-        ids = dispatcher.send_many([{"provider": "limited", "to": f"+1415555{i:04d}", "text": f"m{i}"}
-                                    for i in range(messages)])
-        with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=4):
+        with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=4) as running:
+            running.wait_ready()  # every worker consuming before the messages exist
+            ids = dispatcher.send_many([{"provider": "limited", "to": f"+1415555{i:04d}", "text": f"m{i}"}
+                                        for i in range(messages)])
             wait_until_settled(ids, timeout=messages * rate.interval * 3 + 60, interval=0.5)
         arrivals = sorted(r["received_at"] for r in provider.requests("emsgnow") if r["method"] == "POST")
     achieved = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
@@ -46,7 +47,7 @@ def run(workers: int, rate_text: str, messages: int) -> tuple[float, int, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="20/s")
-    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--messages", type=int, default=400)
     args = parser.parse_args()
     rate = parse_rate_limit(args.rate)
     # one key prefix for the whole run: the producer's Celery app is built once per process

@@ -23,7 +23,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(?:(\d+)\s*)?(s|sec|second|m|min|minute|h|hour)\s*$")
 _UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 # Account keys the dispatcher itself reads; every other key belongs to the provider kind.
-ACCOUNT_KEYS = ("kind", "base_url", "rate_limit", "burst", "timeout")
+ACCOUNT_KEYS = ("kind", "base_url", "rate_limit", "burst", "timeout", "on_timeout")
+ON_TIMEOUT = ("retry", "unknown")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ProviderAccount:
     base_url: str
     rate_limit: RateLimit | None = None
     timeout: float = 10.0
+    on_timeout: str = "retry"  # a request that may have arrived: "retry" it, or settle as "unknown"
     fields: dict[str, Any] = field(default_factory=dict)
     secret_fields: tuple[str, ...] = ()
 
@@ -193,6 +195,9 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
     timeout = raw.get("timeout", 10.0)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         raise ConfigError(where.say(table, "timeout", f"must be a number of seconds > 0, got {timeout!r}"))
+    on_timeout = raw.get("on_timeout", "retry")
+    if on_timeout not in ON_TIMEOUT:
+        raise ConfigError(where.say(table, "on_timeout", f"must be one of {', '.join(ON_TIMEOUT)}, got {on_timeout!r}"))
     fields = {k: v for k, v in raw.items() if k not in ACCOUNT_KEYS}
     allowed = cls.account_keys()
     for key in fields:
@@ -212,6 +217,7 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
         base_url=base_url.rstrip("/"),
         rate_limit=rate,
         timeout=float(timeout),
+        on_timeout=on_timeout,
         fields=fields,
         secret_fields=tuple(cls.secret_fields()),
     )

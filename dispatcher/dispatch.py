@@ -283,7 +283,12 @@ def settle(
         if outcome.retry_at is not None:
             delay = max(delay, outcome.retry_at - now.timestamp())
         due = now + timedelta(seconds=delay)
-        if not throttled and m.attempts >= s.max_attempts:
+        if outcome.ambiguous and _unsafe_to_resend(m.provider, s):
+            v.update(status=UNKNOWN, finished_at=now, error=(
+                f"the request may have reached the provider ({outcome.code}: {outcome.message}); "
+                "not resent, as the account's on_timeout says")[:500])
+            kind = "unknown"
+        elif not throttled and m.attempts >= s.max_attempts:
             v.update(status=FAILED, finished_at=now,
                      error=f"gave up after {m.attempts} attempts; last: {outcome.code} {outcome.message}".strip())
         elif m.not_after is not None and due > m.not_after:
@@ -301,6 +306,15 @@ def settle(
     return queries.Settlement(
         m.id, v, _attempt(m, started, result.http_status, kind, code, detail, result.latency_ms)
     )
+
+
+def _unsafe_to_resend(account: str, s: Settings) -> bool:
+    """An ambiguous failure (the provider may have the message) must not be retried: the account
+    asks for `on_timeout = "unknown"` and its kind cannot make a resend harmless."""
+    acct = s.providers.get(account)
+    if acct is None or acct.on_timeout != "unknown":
+        return False
+    return not runtime.adapter_for(account).idempotent_retry
 
 
 def _has_status(account: str) -> bool:

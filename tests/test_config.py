@@ -58,6 +58,8 @@ def test_a_missing_file_means_defaults(tmp_path):
         (('from = "ACME"', 'form = "ACME"'), ":10: providers.alerts.form: unknown key for kind 'emsgnow'"),
         (('api_key = "${EMSGNOW_KEY}"', ''), ":5: providers.alerts: missing credential 'api_key'"),
         (("max_attempts = 3", "max_attempts = 'many'"), ":3: dispatcher.max_attempts: must be a int"),
+        (('from = "ACME"', 'from = "ACME"\non_timeout = "resend"'),
+         ":11: providers.alerts.on_timeout: must be one of retry, unknown, got 'resend'"),
     ],
 )
 def test_errors_name_the_line_and_the_key(tmp_path, replace, expected):

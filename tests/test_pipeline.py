@@ -118,3 +118,37 @@ def test_cancelled_before_sending_never_goes_out(dispatcher_env, sandbox, broker
         _accepted = dispatcher.send("alerts", "+14155550123", "too late")
         dispatch_batch([_accepted.id])
         dispatcher.cancel(_accepted.id)
+
+
+CAREFUL = """
+[providers.careful]
+kind = "emsgnow"
+base_url = "{url}"
+api_key = "{key}"
+from = "ACME"
+on_timeout = "unknown"
+"""
+
+
+@pytest.mark.parametrize("account, status, posts", [("alerts", "accepted", 2), ("careful", "unknown", 1)])
+def test_a_send_whose_answer_is_lost_is_retried_or_left_unknown_as_the_account_says(
+        dispatcher_env, sandbox, broker_down, monkeypatch, account, status, posts):
+    from dispatcher import runtime
+    from dispatcher.dispatch import dispatch_batch
+
+    from .conftest import write_config
+
+    extra = CAREFUL.format(url=sandbox.base_url("emsgnow"), key=sandbox.credentials("emsgnow")["api_key"])
+    monkeypatch.setenv("DISPATCHER_CONFIG", write_config(dispatcher_env / "dispatcher.toml", sandbox, extra))
+    runtime.configure(None)
+    sandbox.set_faults("emsgnow", lose_next=1)  # the provider takes the SMS; its answer never comes back
+    msg = dispatcher.send(account, "+14155550123", "did it go?")
+    dispatch_batch([msg.id])
+    wait_for(lambda: dispatcher.get(msg.id).status != "sending")
+    if status == "accepted":  # "retry" (the default): sent again, so the provider has it twice
+        wait_for(lambda: dispatch_batch([msg.id]) and dispatcher.get(msg.id).status == "accepted")
+    done = dispatcher.get(msg.id)
+    assert done.status == status
+    assert len([r for r in sandbox.requests("emsgnow") if r.method == "POST"]) == posts
+    if status == "unknown":
+        assert "may have reached the provider" in done.error
