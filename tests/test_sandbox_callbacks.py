@@ -234,3 +234,10 @@ def test_replay_callbacks_must_be_a_boolean(sb):
 def test_masked_url_hides_secret_query_values_only():
     assert masked_url("http://h/w/a?token=s3cret&x=1") == "http://h/w/a?token=***&x=1"
     assert masked_url("http://h/w/a") == "http://h/w/a"
+
+
+def test_callback_delay_holds_each_report_after_its_event(sb, catcher):
+    sb.configure("emsgnow", delivery_step=0.05, extra={"callback_delay": 0.3})
+    send_emsgnow(sb, f"{catcher.url}/hook")
+    records = all_done(sb, "emsgnow", 3)
+    assert all(r.attempts[0].at >= r.due_at + 0.3 for r in records)

@@ -6,7 +6,9 @@ event's time comes by the twin's own clock: `schedule(kind, due, clock, build)`.
 moment `build(now)` returns the request to send (`Outgoing`: method, URL, exact body bytes,
 headers, already signed) or None when there is nothing left to report (the state changed).
 The scheduler sends it with a short timeout and retries a non-2xx answer or a network error
-a couple of times, a moment apart. With the kind's `replay_callbacks` fault on, the same
+a couple of times, a moment apart. Per kind, `extra` may set `callback_timeout` (seconds per
+attempt, default 2), `callback_retries` (default 2) and `callback_delay` (seconds between an
+event and its report, default 0: a real provider's reporting lag). With the kind's `replay_callbacks` fault on, the same
 request is sent once more afterwards, as a provider's duplicate delivery would be.
 
 Every outgoing report is recorded (`CallbackRecord`, served at `GET /_sandbox/callbacks`)
@@ -105,10 +107,11 @@ class CallbackScheduler:
 
     # ---- what the twins call
     def schedule(self, kind: str, due: float, clock: Callable[[], float],
-                 build: Callable[[float], Outgoing | None], *,
-                 timeout: float = DEFAULT_TIMEOUT, retries: int = DEFAULT_RETRIES) -> None:
-        """Run `build` once `clock()` reaches `due`, and send what it returns. Call on the loop."""
-        task = asyncio.get_running_loop().create_task(self._run(kind, due, clock, build, timeout, retries))
+                 build: Callable[[float], Outgoing | None], *, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, delay: float = 0.0) -> None:
+        """Run `build` once `clock()` reaches `due` (+ `delay`), and send what it returns. Call on the loop."""
+        task = asyncio.get_running_loop().create_task(
+            self._run(kind, due, due + max(0.0, delay), clock, build, timeout, retries))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -138,9 +141,9 @@ class CallbackScheduler:
             self._session = None
 
     # ---- the work
-    async def _run(self, kind: str, due: float, clock: Callable[[], float],
+    async def _run(self, kind: str, due: float, send_at: float, clock: Callable[[], float],
                    build: Callable[[float], Outgoing | None], timeout: float, retries: int) -> None:
-        while (wait := due - clock()) > 0:
+        while (wait := send_at - clock()) > 0:
             await asyncio.sleep(min(wait, MAX_NAP))
         outgoing = build(max(clock(), due))
         if outgoing is None:
@@ -229,6 +232,7 @@ def json_body(data: Any) -> bytes:
 
 
 def report_settings(extra: dict[str, Any]) -> dict[str, Any]:
-    """Timeout and retries of a kind's reports: `extra["callback_timeout"]`, `extra["callback_retries"]`."""
+    """`schedule()` keywords from a kind's `extra`: callback_timeout, callback_retries, callback_delay."""
     return {"timeout": float(extra.get("callback_timeout", DEFAULT_TIMEOUT)),
-            "retries": int(extra.get("callback_retries", DEFAULT_RETRIES))}
+            "retries": int(extra.get("callback_retries", DEFAULT_RETRIES)),
+            "delay": float(extra.get("callback_delay", 0.0))}

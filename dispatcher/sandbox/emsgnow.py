@@ -28,7 +28,7 @@ it happens, one JSON object per event, the shape `GET /sms/:id/events/:eventId` 
 ({"messageId", "id", "message": {"trackingId", "status", "statusAt", ...}, "timestamp"}).
 The seed documents no signature, so none is added (a receiver puts its own token in the URL).
 Sent by the sandbox server's `CallbackScheduler` (see callbacks.py; retries, log, replay);
-`extra["callback_timeout"]` / `extra["callback_retries"]` tune it.
+`extra["callback_timeout"]`, `["callback_retries"]` and `["callback_delay"]` tune it.
 
 Event ids are random 20-character ids fixed at acceptance. Templates known to the twin
 (`extra["templates"]`, `{{name}}` placeholders) are rendered into the stored `message`;
