@@ -145,7 +145,8 @@ def test_emnify_patches_each_status_change_with_a_short_lived_hs256_jwt(sb, catc
     assert [m for m, _, _, _ in catcher.received] == ["PATCH", "PATCH"]
     bodies = [json.loads(body) for _, _, _, body in catcher.received]
     assert [b["id"] for b in bodies] == [sms_id, sms_id]
-    assert [b["status"] for b in bodies] == [{"id": 2, "description": "In progress"}, {"id": 4, "description": "Delivered"}]
+    assert [b["status"] for b in bodies] == [{"id": 2, "description": "In progress"},
+                                             {"id": 4, "description": "Delivered"}]
     for _, _, headers, _ in catcher.received:
         scheme, _, token = headers["Authorization"].partition(" ")
         claims = jwt.decode(token, SECRET, algorithms=["HS256"])
@@ -200,8 +201,8 @@ def test_reset_cancels_pending_reports(sb, catcher):
     sb.configure("emsgnow", delivery_step=1.0)
     send_emsgnow(sb, f"{catcher.url}/hook")
     wait_for(lambda: len(catcher.received) == 1)  # "processing", at once; two more are pending
-    info = httpx.get(f"{sb.url}/_sandbox/callbacks").json()
-    assert info["pending"] == 2 and len(info["callbacks"]) == 1
+    info = wait_for(lambda: (i := httpx.get(f"{sb.url}/_sandbox/callbacks").json())["pending"] == 2 and i)
+    assert len(info["callbacks"]) == 1
     sb.reset()
     after = httpx.get(f"{sb.url}/_sandbox/callbacks").json()
     assert (after["callbacks"], after["pending"]) == ([], 0)

@@ -179,8 +179,8 @@ class CallbackScheduler:
             record.done = True
 
     async def _attempt(self, outgoing: Outgoing, timeout: float) -> CallbackAttempt:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
+        if self._session is None:  # a fresh connection per report: no stale keep-alive to trip on
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         try:
             async with self._session.request(outgoing.method, outgoing.url, data=outgoing.body,
                                              headers=outgoing.headers,
@@ -196,7 +196,8 @@ def masked_url(url: str) -> str:
     parts = urlsplit(url)
     if not parts.query:
         return url
-    query = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
     return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
