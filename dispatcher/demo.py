@@ -1,14 +1,19 @@
 """`dispatcher demo`: the whole pipeline on the sandbox, end to end, shown as it happens.
 
-It starts what it needs on loopback (the sandbox in this process, a Celery worker and a
-beat as child processes, a SQLite store in a temporary directory, its own Redis key prefix),
-sends a handful of messages through every provider kind, prints each status change as it
-happens, and stops what it started once every message has reached a final status.
+It starts what it needs on loopback (the sandbox and the webhook receiver in this process,
+a Celery worker and a beat as child processes, a SQLite store in a temporary directory, its
+own Redis key prefix), sends a handful of messages through every provider kind, prints each
+status change as it happens, and stops what it started once every message has reached a
+final status. The eMsgNow account `alerts` gives the sandbox a callback URL, so its messages
+are settled by the sandbox's delivery reports; the others by status polling, which starts
+`poll_first` seconds after acceptance, late enough for the reports to come first. The
+summary says which of the two settled each message.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,7 +30,7 @@ FINAL = {"delivered", "failed", "rejected", "expired", "cancelled", "unknown"}
 FINAL_FOR_KIND = {"esimfly": FINAL | {"accepted"}, "esimaccess": FINAL | {"accepted"}}
 
 
-def _config(sandbox) -> str:  # type: ignore[no-untyped-def]
+def _config(sandbox, receiver_url: str) -> str:  # type: ignore[no-untyped-def]
     c = sandbox.credentials
     return f"""
 [dispatcher]
@@ -34,7 +39,7 @@ retry_cap = 5.0
 max_attempts = 4
 tick_seconds = 0.5
 poll_seconds = 0.5
-poll_first = 0.5
+poll_first = 2.0
 
 [providers.alerts]
 kind = "emsgnow"
@@ -42,6 +47,8 @@ base_url = "{sandbox.base_url('emsgnow')}"
 api_key = "${{DEMO_EMSGNOW_KEY}}"
 from = "ACME"
 rate_limit = "10/s"
+webhook_secret = "${{DEMO_WEBHOOK_SECRET}}"
+callback_url = "{receiver_url}/webhooks/alerts?token=${{DEMO_WEBHOOK_SECRET}}"
 
 [providers.broken]
 kind = "emsgnow"
@@ -83,6 +90,7 @@ def _secrets(sandbox) -> dict[str, str]:  # type: ignore[no-untyped-def]
         "DEMO_ESIMACCESS_SECRET": c("esimaccess")["secret_key"],
         "DEMO_EMNIFY_TOKEN": c("emnify")["application_token"],
         "DEMO_ESMS_KEY": c("esms_africa")["api_key"],
+        "DEMO_WEBHOOK_SECRET": secrets.token_hex(16),
     }
 
 
@@ -108,15 +116,17 @@ def run_demo(keep: bool = False) -> int:
     redis_url = os.environ.get("DISPATCHER_REDIS_URL", "redis://localhost:6379/0")
     require_redis(redis_url)
     from .sandbox.server import SandboxThread
+    from .webhooks import ReceiverThread
 
     workdir = Path(tempfile.mkdtemp(prefix="dispatcher-demo-"))
     procs: list[subprocess.Popen] = []
     prefix = f"demo{os.getpid()}"
-    with SandboxThread(port=0) as sandbox:
+    with SandboxThread(port=0) as sandbox, ReceiverThread(port=0) as receiver:
         for kind in ("emsgnow", "esms_africa", "emnify"):
             sandbox.configure(kind, delivery_step=0.5)
+        sandbox.configure("emsgnow", extra={"callback_delay": 0.25})  # reports lag their events a little
         config = workdir / "dispatcher.toml"
-        config.write_text(_config(sandbox))
+        config.write_text(_config(sandbox, receiver.url))
         overrides = dict(DISPATCHER_CONFIG=str(config), DISPATCHER_DATABASE_URL=f"sqlite:///{workdir / 'demo.db'}",
                          DISPATCHER_REDIS_URL=redis_url, DISPATCHER_REDIS_PREFIX=prefix, **_secrets(sandbox))
         os.environ.update(overrides)  # this process sends; the children run the worker and beat
@@ -126,6 +136,7 @@ def run_demo(keep: bool = False) -> int:
 
         runtime.configure(None)
         print(f"sandbox      {sandbox.url} (all five provider APIs)")
+        print(f"webhooks     {receiver.url}/webhooks/alerts (eMsgNow reports each delivery event there)")
         print(f"store        {workdir / 'demo.db'} (migrations applied)")
         upgrade(runtime.settings().database_url)
         log = open(workdir / "processes.log", "w")
@@ -154,7 +165,7 @@ def run_demo(keep: bool = False) -> int:
                 api.send("alerts", "+14155550128", "x" * 200)
             except Exception as exc:  # noqa: BLE001 - shown to the user as the point of the demo
                 print(f"refused before storing: {type(exc).__name__}: {exc}\n")
-            ok = _watch(api, ids, timeout=60.0)
+            ok = _watch(api, ids, timeout=60.0, settled_by=lambda msg: _settled_by(sandbox, msg))
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -177,7 +188,18 @@ def _wait_first_attempt(api, message_id: str, timeout: float = 30.0) -> None:  #
         time.sleep(0.05)
 
 
-def _watch(api, ids: list[tuple[str, str]], timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def _settled_by(sandbox, msg) -> str:  # type: ignore[no-untyped-def]
+    """"webhook" when a delivery report stored the message's final event, else "status poll"."""
+    for record in sandbox.callbacks("emsgnow"):
+        body, answer = record.json or {}, record.response or {}
+        final = str((body.get("message") or {}).get("status", "")).lower() in ("delivered", "failed", "expired")
+        if body.get("messageId") == msg.provider_ref and final and answer.get("stored", 0) > 0:
+            return "webhook"
+    return "status poll"
+
+
+def _watch(api, ids: list[tuple[str, str]], timeout: float,  # type: ignore[no-untyped-def]
+           settled_by=lambda msg: "status poll") -> bool:
     paths: dict[str, list[str]] = {mid: [] for mid, _ in ids}
     start = time.monotonic()
     done: set[str] = set()
@@ -199,7 +221,8 @@ def _watch(api, ids: list[tuple[str, str]], timeout: float) -> bool:  # type: ig
         why = f"  ({msg.error_code}: {msg.error})" if msg.error_code else ""
         print(f"  {msg.status:<10} {label}{why}")
         if msg.events:
-            print("             events: " + ", ".join(e.provider_status for e in msg.events))
+            how = f"  [settled by {settled_by(msg)}]" if msg.status in FINAL and msg.status != "unknown" else ""
+            print("             events: " + ", ".join(e.provider_status for e in msg.events) + how)
     if len(done) < len(ids):
         print(f"\n{len(ids) - len(done)} message(s) did not reach a final status within {timeout:.0f}s")
         return False

@@ -20,6 +20,11 @@ errors, rate-limit headers and delivery states. It reads its settings at request
 can be changed live through `POST /_sandbox/configure`), keeps what it stores in one object
 with a `reset()` method at `app[common.STATE_KEY]`, and never imports `dispatcher.providers`.
 Request logging and fault injection (latency, down, fail, drop, hang) are the server's job.
+
+A twin whose provider pushes delivery reports (eMsgNow, eSMS Africa, emnify) hands each one,
+with its due time, to the server's shared scheduler (`callbacks.scheduler_of(request)`), which
+sends, retries, replays on request and logs them (`GET /_sandbox/callbacks`); it signs them
+itself (hmac, PyJWT), never with the dispatcher's receiver code.
 """
 
 from .common import FixedWindow, KindSettings, json_response, read_json

@@ -35,6 +35,14 @@ Delivery, computed when read (`delivery_step` = s, from submit_date):
   Endpoint ids ending in 77 (device offline): 3 "Buffered" after s, until cancelled (DELETE ->
   7 "Canceled") or until expiry_date (`extra["sms_validity"]`, default 1 day) -> 6 "Expired".
   DELETE of an SMS that is not buffered -> 409 sms_not_buffered.
+
+Delivery reports: with `extra["callback_url"]` and `extra["callback_secret"]` set when an SMS
+is submitted, the SMS object (as `GET .../sms/{sms_id}` shows it) is PATCHed to callback_url
+at each status change after submission (2 or 3, then 4, 5, 6 or 7), with
+`Authorization: Bearer <JWT HS256 signed with callback_secret>` (claims iss, iat and an exp
+CALLBACK_TOKEN_TTL seconds later, by the wall clock the receiver checks). A cancellation is
+reported at once. Sent by the sandbox server's `CallbackScheduler` (callbacks.py: timeout,
+retries, log, replay).
 """
 
 from __future__ import annotations
@@ -45,12 +53,15 @@ import hmac
 import itertools
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import jwt
 from aiohttp import web
 
+from .callbacks import Outgoing, json_body, report_settings, scheduler_of
 from .common import (
     STATE_KEY,
     FixedWindow,
@@ -70,6 +81,7 @@ STATUS = {1: "Delivery attempt pending", 2: "In progress", 3: "Buffered", 4: "De
           6: "Expired", 7: "Canceled"}
 LIMITS = {0: (160, 153), 8: (70, 67)}  # dcs -> (alone, with a udh)
 _SIGNING_KEY = b"emnify-sandbox-signing-key"
+CALLBACK_TOKEN_TTL = 60  # seconds a delivery report's JWT is valid
 _ALNUM_SENDER = re.compile(r"^[A-Za-z0-9 ]{1,11}$")
 _DIGIT_SENDER = re.compile(r"^\+?[0-9]{1,15}$")
 _HEX = re.compile(r"^(?:[0-9A-Fa-f]{2})+$")
@@ -132,6 +144,13 @@ class Sms:
         if now >= self.submitted + 2 * step:
             return (5 if ending.endswith(FAILING_SUFFIX) else 4), self.submitted + 2 * step
         return (2, None) if now >= self.submitted + step else (1, None)
+
+    def changes(self, step: float) -> list[tuple[int, float]]:
+        """(status id, when) of the status changes due after submission, cancellation aside."""
+        if str(self.endpoint_id).endswith(OFFLINE_SUFFIX):
+            return [(3, self.submitted + step), (6, self.expires)]
+        final = 5 if str(self.endpoint_id).endswith(FAILING_SUFFIX) else 4
+        return [(2, self.submitted + step), (final, self.submitted + 2 * step)]
 
     def public(self, now: float, step: float) -> dict[str, Any]:
         status, final_at = self.status_at(now, step)
@@ -210,6 +229,8 @@ def make_app(settings: KindSettings) -> web.Application:
         sms = Sms(state.next_id(), endpoint_id, submitted=now,
                   expires=now + float(settings.extra.get("sms_validity", 86400)), **fields)
         state.sms.setdefault(endpoint_id, {})[sms.id] = sms
+        for status, at in sms.changes(settings.delivery_step):
+            _report(request, settings, sms, status, at)
         return web.Response(status=201, headers={"Location": f"{request.path.rstrip('/')}/{sms.id}"})
 
     async def listing(request: web.Request) -> web.Response:
@@ -231,6 +252,7 @@ def make_app(settings: KindSettings) -> web.Application:
         if status != 3:
             return error(409, "sms_not_buffered", f"Only a buffered SMS can be cancelled; this one is {STATUS[status]}")
         sms.cancelled_at = now
+        _report(request, settings, sms, 7, now)
         return web.Response(status=204)
 
     app.router.add_post("/api/v1/authenticate", authenticate)
@@ -273,6 +295,25 @@ def _limits_and_token(settings: KindSettings, state: EmnifyState):
             return refused.response
 
     return middleware
+
+
+def _report(request: web.Request, settings: KindSettings, sms: Sms, status: int, at: float) -> None:
+    """PATCH the SMS object to the configured callback URL once it reaches `status` at `at`."""
+    url, secret = settings.extra.get("callback_url"), settings.extra.get("callback_secret")
+    scheduler = scheduler_of(request)
+    if not url or not secret or scheduler is None:
+        return
+
+    def build(now: float) -> Outgoing | None:  # the SMS as it was at `at`, even when sent late
+        if sms.status_at(at, settings.delivery_step)[0] != status:
+            return None  # overtaken (a buffered SMS cancelled before it expired): nothing to report
+        issued = int(time.time())
+        token = jwt.encode({"iss": "emnify", "iat": issued, "exp": issued + CALLBACK_TOKEN_TTL},
+                           str(secret), algorithm="HS256")
+        return Outgoing("PATCH", str(url), json_body(sms.public(at, settings.delivery_step)),
+                        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+
+    scheduler.schedule(KIND, at, settings.clock, build, **report_settings(settings.extra))
 
 
 def _jwt(now: float, ttl: float) -> str:

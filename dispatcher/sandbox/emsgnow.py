@@ -23,6 +23,13 @@ Magic recipients (the digits of `to`):
   ending in "0000": the last event is "failed" instead of "delivered";
   and whatever the number, if notAfter passes before the message is sent to the provider, the
   last event is "expired" (at notAfter) instead.
+Delivery reports: a message sent with `callbackUrl` has each of its events POSTed there as
+it happens, one JSON object per event, the shape `GET /sms/:id/events/:eventId` answers
+({"messageId", "id", "message": {"trackingId", "status", "statusAt", ...}, "timestamp"}).
+The seed documents no signature, so none is added (a receiver puts its own token in the URL).
+Sent by the sandbox server's `CallbackScheduler` (see callbacks.py; retries, log, replay);
+`extra["callback_timeout"]`, `["callback_retries"]` and `["callback_delay"]` tune it.
+
 Event ids are random 20-character ids fixed at acceptance. Templates known to the twin
 (`extra["templates"]`, `{{name}}` placeholders) are rendered into the stored `message`;
 an unknown templateId is accepted and stored with `message` null.
@@ -37,6 +44,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .callbacks import Outgoing, json_body, report_settings, scheduler_of
 from .common import (
     STATE_KEY,
     FixedWindow,
@@ -251,7 +259,7 @@ async def _send(request: web.Request, settings: KindSettings, state: EmsgnowStat
     tracking_id = random_hex(16)
     while tracking_id in state.messages:
         tracking_id = random_hex(16)
-    state.messages[tracking_id] = Sms(
+    sms = state.messages[tracking_id] = Sms(
         tracking_id=tracking_id,
         api_key=request[API_KEY],
         body=body,
@@ -260,7 +268,23 @@ async def _send(request: web.Request, settings: KindSettings, state: EmsgnowStat
         start=max(now, not_before or now),
         not_after=not_after,
     )
+    if body.get("callbackUrl"):
+        _report_events(request, settings, sms)
     return json_response({"message": "SMS received successfully", "trackingId": tracking_id})
+
+
+def _report_events(request: web.Request, settings: KindSettings, sms: Sms) -> None:
+    """Have each event of the message POSTed to its callbackUrl when the event happens."""
+    scheduler = scheduler_of(request)
+    if scheduler is None:
+        return
+    url, tuning = sms.body["callbackUrl"], report_settings(settings.extra)
+    for index, (status, at) in enumerate(sms.timeline(settings.delivery_step)):
+        def build(now: float, index: int = index, status: str = status, at: float = at) -> Outgoing:
+            event = {"messageId": sms.tracking_id, **sms.event(index, status, at)}
+            return Outgoing("POST", url, json_body(event), {"Content-Type": "application/json"})
+
+        scheduler.schedule(KIND, at, settings.clock, build, **tuning)
 
 
 # --------------------------------------------------------------------------- validation

@@ -39,10 +39,18 @@ Delivery (`delivery_step` = s, from acceptance, or from scheduled_at for schedul
   A scheduled message shows "scheduled" (at creation) until its time. Timeline times are ISO
   8601 with "+00:00". `GET /api/messages/status?ids=a,b` takes up to 100 ids (more -> 400
   too_many_ids) and lists {id, status, updated_at} for the ids found, in the order asked.
+
+Delivery webhook: with `extra["webhook_url"]` and `extra["webhook_secret"]` set when a message
+is sent, the message object (as `GET /api/messages/{id}` shows it, timeline included) is
+POSTed to webhook_url once, at its final state (delivered or failed), signed
+`X-Webhook-Signature: sha256=<hex HMAC-SHA256 of the exact body bytes>` with webhook_secret.
+Sent by the sandbox server's `CallbackScheduler` (callbacks.py: timeout, retries, log, replay).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,6 +58,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .callbacks import Outgoing, json_body, report_settings, scheduler_of
 from .common import (
     STATE_KEY,
     FixedWindow,
@@ -173,16 +182,26 @@ class Message:
     created: float
     scheduled_at: float | None
 
-    def timeline(self, now: float, step: float) -> list[dict[str, str]]:
-        start = self.scheduled_at if self.scheduled_at is not None else self.created
-        if now < start:
-            return [_entry("scheduled", self.created)]
+    @property
+    def start(self) -> float:
+        return self.scheduled_at if self.scheduled_at is not None else self.created
+
+    def steps(self) -> list[tuple[str, int]]:
+        """(status, how many delivery steps after the start) of every state it goes through."""
         if self.to.endswith(FAILING_SUFFIX):
             steps = [("queued", 0), ("submitted", 0), ("sent", 1)]
-            steps += [("retrying", 2 + i) for i in range(RETRIES)] + [("failed", 2 + RETRIES)]
-        else:
-            steps = [("queued", 0), ("submitted", 0), ("sent", 1), ("delivered", 2)]
-        entries = [_entry(status, start + k * step) for status, k in steps if start + k * step <= now]
+            return steps + [("retrying", 2 + i) for i in range(RETRIES)] + [("failed", 2 + RETRIES)]
+        return [("queued", 0), ("submitted", 0), ("sent", 1), ("delivered", 2)]
+
+    def final_at(self, step: float) -> float:
+        """When the message reaches its final state."""
+        return self.start + self.steps()[-1][1] * step
+
+    def timeline(self, now: float, step: float) -> list[dict[str, str]]:
+        start = self.start
+        if now < start:
+            return [_entry("scheduled", self.created)]
+        entries = [_entry(status, start + k * step) for status, k in self.steps() if start + k * step <= now]
         if self.scheduled_at is not None:
             entries.insert(0, _entry("scheduled", self.created))
         return entries
@@ -247,6 +266,7 @@ def make_app(settings: KindSettings) -> web.Application:
         answer = _accept(body, problem, api_key, settings, state)
         if idem:
             state.answers[(api_key, idem)] = answer
+        _report_final(request, settings, state.messages[answer["id"]])
         return json_response(answer)
 
     async def statuses(request: web.Request) -> web.Response:
@@ -300,6 +320,28 @@ def _key_and_rate(settings: KindSettings, state: EsmsState):
             return json_response({"detail": refused.detail}, status=refused.status)
 
     return middleware
+
+
+# --------------------------------------------------------------------------- delivery webhook
+def _report_final(request: web.Request, settings: KindSettings, msg: Message) -> None:
+    """With `extra` webhook_url and webhook_secret set, POST the message once at its final state."""
+    url, secret = settings.extra.get("webhook_url"), settings.extra.get("webhook_secret")
+    scheduler = scheduler_of(request)
+    if not url or not secret or scheduler is None:
+        return
+
+    def build(now: float) -> Outgoing:
+        body = json_body(msg.public(now, settings.delivery_step))
+        return Outgoing("POST", str(url), body, {"Content-Type": "application/json",
+                                                 "X-Webhook-Signature": webhook_signature(str(secret), body)})
+
+    scheduler.schedule(KIND, msg.final_at(settings.delivery_step), settings.clock, build,
+                       **report_settings(settings.extra))
+
+
+def webhook_signature(secret: str, body: bytes) -> str:
+    """`sha256=<hex HMAC-SHA256 of the exact body bytes>`, keyed with the webhook secret."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- sending

@@ -5,10 +5,12 @@ Layout of the URL space (the twin's own paths sit under its kind):
     /<kind>/...          a twin, e.g. POST /emsgnow/sms, POST /esms_africa/api/messages/send
     /_sandbox/requests   GET  ?kind=K&since=SEQ   the request log (entries with seq > SEQ)
     /_sandbox/faults     POST {"kind": K, latency_ms, down, fail_next, fail_status, fail_rate,
-                               drop_next, lose_next, hang_next, hang_ms, seed}
+                               drop_next, lose_next, hang_next, hang_ms, seed, replay_callbacks}
     /_sandbox/configure  POST {"kind": K, credentials, rate_limit, rate_window, delivery_step,
                                extra: {...merged...}}
-    /_sandbox/reset      POST  empties the log, faults and twin state; restores the settings
+    /_sandbox/callbacks  GET  ?kind=K&since=SEQ   the delivery reports the twins sent, with every answer
+    /_sandbox/reset      POST  empties both logs, faults and twin state, cancels pending reports,
+                               restores the settings
     /_sandbox/info       GET   base URL and sandbox credentials per kind
 
 A middleware around the twins (never inside them) records every request and applies the
@@ -18,6 +20,10 @@ with `seed`), hang (hold hang_ms, then answer normally), lose (the twin handles 
 then the connection is closed: the provider acted but the client never hears of it).
 Per-request work is an append to the log and a few dict lookups, so one process keeps up with
 thousands of requests a second.
+
+Delivery reports (eMsgNow callbackUrl, eSMS Africa and emnify webhooks, configured per kind
+through `extra`) leave from one `CallbackScheduler` (callbacks.py) on this server's loop; the
+`replay_callbacks` fault sends each of them twice.
 
 `SandboxThread` runs the server on its own event loop in a daemon thread for tests and the
 demo; `serve()` runs it in the foreground for `dispatcher sandbox`.
@@ -40,6 +46,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import emnify, emsgnow, esimaccess, esimfly, esms_africa
+from .callbacks import CALLBACKS_KEY, CallbackRecord, CallbackScheduler
 from .common import PARSED_BODY_KEY, KindSettings, json_response, parse_json_body, state_of
 
 KINDS = ("esimfly", "esimaccess", "emnify", "esms_africa", "emsgnow")
@@ -94,6 +101,7 @@ class Faults:
     hang_next: int = 0
     hang_ms: float = 0.0
     seed: int = 0
+    replay_callbacks: bool = False  # send every delivery report of the kind twice
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
 
     def update(self, values: dict[str, Any]) -> None:
@@ -102,6 +110,8 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault {sorted(unknown)[0]!r}")
         converted = {name: type(getattr(self, name))(value) for name, value in values.items()}
+        if "replay_callbacks" in values and not isinstance(values["replay_callbacks"], bool):
+            raise ValueError("replay_callbacks must be true or false")
         if not 0.0 <= converted.get("fail_rate", self.fail_rate) <= 1.0:
             raise ValueError("fail_rate must be between 0 and 1")
         for name, value in converted.items():
@@ -127,6 +137,7 @@ class Sandbox:
         self.apps: dict[str, web.Application] = {}
         self.log: list[RecordedRequest] = []
         self.seq = 0
+        self.callbacks = CallbackScheduler(replays=lambda kind: self.faults[kind].replay_callbacks)
 
     # ---- log
     def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any,
@@ -165,6 +176,7 @@ class Sandbox:
 
     def reset(self) -> None:
         self.log.clear()
+        self.callbacks.reset()
         self.faults = {k: Faults() for k in self.twins}
         for kind, settings in self.settings.items():
             _restore(settings, self._initial[kind])
@@ -314,6 +326,16 @@ def _control_routes(sandbox: Sandbox) -> list[web.RouteDef]:
         entries = sandbox.requests(kind, since)
         return json_response({"requests": [e.to_json() for e in entries], "last_seq": sandbox.seq})
 
+    async def list_callbacks(request: web.Request) -> web.Response:
+        kind = request.query.get("kind") or None
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return json_response({"error": "since must be an integer"}, status=400)
+        records = sandbox.callbacks.records(kind, since)
+        return json_response({"callbacks": [r.to_json() for r in records], "last_seq": sandbox.callbacks.seq,
+                              "pending": sandbox.callbacks.pending})
+
     async def faults(request: web.Request) -> web.Response:
         return await _switch(request, sandbox.set_faults)
 
@@ -329,6 +351,7 @@ def _control_routes(sandbox: Sandbox) -> list[web.RouteDef]:
 
     return [
         web.get(f"{CONTROL_PREFIX}/requests", list_requests),
+        web.get(f"{CONTROL_PREFIX}/callbacks", list_callbacks),
         web.post(f"{CONTROL_PREFIX}/faults", faults),
         web.post(f"{CONTROL_PREFIX}/configure", configure),
         web.post(f"{CONTROL_PREFIX}/reset", reset),
@@ -354,6 +377,8 @@ def build_app(settings: dict[str, KindSettings] | None = None, *,
     sandbox = Sandbox(settings)
     app = web.Application(middlewares=[_fault_middleware(sandbox, clock or time.time)], client_max_size=4 * 1024**2)
     app[SANDBOX_KEY] = sandbox
+    app[CALLBACKS_KEY] = sandbox.callbacks  # twins reach it through request.config_dict
+    app.on_cleanup.append(sandbox.callbacks.close)
     app.add_routes(_control_routes(sandbox))
     for kind, module in sandbox.twins.items():
         sub = module.make_app(sandbox.settings[kind])
@@ -466,6 +491,10 @@ class SandboxThread:
 
     def reset(self) -> None:
         self._call(lambda sb: sb.reset())
+
+    def callbacks(self, kind: str | None = None, since: int = 0) -> list[CallbackRecord]:
+        """Snapshots of the delivery reports the twins sent (seq > `since`), each with its answers."""
+        return self._call(lambda sb: sb.callbacks.records(kind, since))
 
     # ---- plumbing
     def _sandbox(self) -> Sandbox:
