@@ -32,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -44,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from . import runtime
+from .appserver import AppThread, serve_until_signal
 from .config import ProviderAccount, Settings
 from .intake import apply_events
 from .providers import adapter_class
@@ -221,14 +220,6 @@ def _answer(status: int, body: dict[str, Any]) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner, runner.addresses[0][1]
-
-
 # --------------------------------------------------------------------------- running it
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, out: Callable[[str], None] = print) -> None:
     """Serve the receiver in the foreground until Ctrl-C or SIGTERM."""
@@ -237,72 +228,21 @@ def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, out: Callable[[str
 
 async def _serve(host: str, port: int, out: Callable[[str], None]) -> None:
     accounts = webhook_accounts(runtime.settings())
-    runner, bound = await _start(build_app(), host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            pass
-    out(f"webhook receiver on http://{host}:{bound}  (Ctrl-C to stop)")
-    if not accounts:
-        out("  no account of a kind with webhooks (emsgnow, esms_africa, emnify) is configured")
-    for name, acc in accounts.items():
-        state = "" if acc.get(WEBHOOK_SECRET_KEY) else "  [no webhook_secret: every report is refused]"
-        token = "?token=<webhook_secret>" if acc.kind == "emsgnow" else ""
-        out(f"  {name} ({acc.kind}): /webhooks/{name}{token}{state}")
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+
+    def started(bound: int) -> None:
+        out(f"webhook receiver on http://{host}:{bound}  (Ctrl-C to stop)")
+        if not accounts:
+            out("  no account of a kind with webhooks (emsgnow, esms_africa, emnify) is configured")
+        for name, acc in accounts.items():
+            state = "" if acc.get(WEBHOOK_SECRET_KEY) else "  [no webhook_secret: every report is refused]"
+            token = "?token=<webhook_secret>" if acc.kind == "emsgnow" else ""
+            out(f"  {name} ({acc.kind}): /webhooks/{name}{token}{state}")
+
+    await serve_until_signal(build_app(), host, port, started)
 
 
-class ReceiverThread:
+class ReceiverThread(AppThread):
     """The receiver on its own event loop in a daemon thread (tests, the demo)."""
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = 0) -> None:
-        self.host, self.port = host, port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-
-    def start(self) -> "ReceiverThread":
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="dispatcher-webhooks",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=30) or self._error is not None:
-            raise RuntimeError(f"webhook receiver did not start: {self._error}")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=10)
-            self._loop = None
-
-    def __enter__(self) -> "ReceiverThread":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def _main(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        try:
-            runner, self.port = await _start(build_app(), self.host, self.port)
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
+        super().__init__(build_app, host, port, name="dispatcher-webhooks")

@@ -35,8 +35,6 @@ import asyncio
 import copy
 import json
 import random
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from types import ModuleType
@@ -46,6 +44,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from . import emnify, emsgnow, esimaccess, esimfly, esms_africa
+from ..appserver import AppThread, serve_until_signal
 from .callbacks import CALLBACKS_KEY, CallbackRecord, CallbackScheduler
 from .common import PARSED_BODY_KEY, KindSettings, json_response, parse_json_body, state_of
 
@@ -387,82 +386,15 @@ def build_app(settings: dict[str, KindSettings] | None = None, *,
     return app
 
 
-async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
-    await site.start()
-    bound = runner.addresses[0][1]
-    return runner, bound
-
-
 # --------------------------------------------------------------------------- SandboxThread
-class SandboxThread:
+class SandboxThread(AppThread):
     """The sandbox on its own event loop in a daemon thread; every method is safe from other threads."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  settings: dict[str, KindSettings] | None = None) -> None:
-        self.host, self.port = host, port
-        self._settings = settings
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self.app: web.Application | None = None
-
-    # ---- lifecycle
-    def start(self) -> "SandboxThread":
-        self._thread = threading.Thread(target=self._run, name="dispatcher-sandbox", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=30):
-            raise RuntimeError("sandbox did not start within 30 s")
-        if self._error is not None:
-            raise RuntimeError(f"sandbox failed to start: {self._error}") from self._error
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None or self._stop is None or self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=10)
-        self._loop = None
-
-    def __enter__(self) -> "SandboxThread":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._main())
-        finally:
-            loop.close()
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        try:
-            self.app = build_app(self._settings)
-            runner, self.port = await _start(self.app, self.host, self.port)
-        except BaseException as exc:  # reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
+        super().__init__(lambda: build_app(settings), host, port, name="dispatcher-sandbox", backlog=4096)
 
     # ---- addresses
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     def base_url(self, kind: str) -> str:
         self._sandbox()._settings_of(kind)
         return f"{self.url}/{kind}"
@@ -504,14 +436,8 @@ class SandboxThread:
 
     def _call(self, fn: Callable[[Sandbox], Any]) -> Any:
         """Run `fn(sandbox)` on the server's loop and return its result."""
-        sandbox, loop = self._sandbox(), self._loop
-        if loop is None:
-            raise RuntimeError("sandbox is not running")
-
-        async def run() -> Any:
-            return fn(sandbox)
-
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
+        sandbox = self._sandbox()
+        return self.call(lambda: fn(sandbox))
 
 
 # --------------------------------------------------------------------------- foreground
@@ -527,21 +453,13 @@ async def _serve(host: str, port: int, latency_ms: float, fail_rate: float,
     sandbox = app[SANDBOX_KEY]
     for kind in sandbox.twins:
         sandbox.set_faults(kind, {"latency_ms": latency_ms, "fail_rate": fail_rate})
-    runner, bound = await _start(app, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            pass
-    for line in describe(sandbox.info(f"http://{host}:{bound}")):
-        out(line)
-    out(f"control API: http://{host}:{bound}{CONTROL_PREFIX}/info  (Ctrl-C to stop)")
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+
+    def started(bound: int) -> None:
+        for line in describe(sandbox.info(f"http://{host}:{bound}")):
+            out(line)
+        out(f"control API: http://{host}:{bound}{CONTROL_PREFIX}/info  (Ctrl-C to stop)")
+
+    await serve_until_signal(app, host, port, started, backlog=4096)
 
 
 def describe(info: dict[str, Any]) -> Iterable[str]:
