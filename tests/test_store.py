@@ -189,8 +189,7 @@ def test_record_applies_each_message_its_own_outcome_in_one_batch(store_url):
     assert all(len(attempts[i]) == 1 for i in ids)  # every attempt made is kept, settled or not
 
 
-def test_record_of_a_batch_larger_than_one_statement(store_url, monkeypatch):
-    monkeypatch.setattr(queries, "RECORD_CHUNK", 7)
+def test_record_of_a_larger_batch_keeps_each_outcome_with_its_message(store_url):
     now = utcnow()
     ids = _add(store_url, 30, due_at=now)
     with session_scope(store_url) as db:
