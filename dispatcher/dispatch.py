@@ -137,10 +137,10 @@ def dispatch_batch(
     async def send_and_record() -> BatchReport:
         try:
             results = await send_all(claimed, send_at)
-        finally:  # the requests are no longer in flight: the next batch may claim while this one records
+            return await asyncio.to_thread(_record, claimed, results, report, now, s, clock, enqueue)
+        finally:
             for m in claimed:
                 loop.give_back(m.provider, 1)
-        return await asyncio.to_thread(_record, claimed, results, report, now, s, clock, enqueue)
 
     if wait:
         return loop.run(send_and_record)
