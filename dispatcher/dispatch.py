@@ -15,7 +15,7 @@ Every outcome of an attempt is settled in one place, `settle()`:
 
 The claim (`queued -> sending`) is committed before any HTTP request, so a task delivered
 twice sends once. The HTTP requests of a batch run concurrently on the process's event
-loop (transport.py); claims and records are one statement each per batch.
+loop (transport.py); a batch's claim is one UPDATE ... RETURNING, its record one executemany.
 """
 
 from __future__ import annotations
@@ -78,19 +78,52 @@ def dispatch_batch(
     report = BatchReport()
     loop = transport.process_loop(s.in_flight)
     with session_scope(s.database_url) as db:
-        accounts = queries.accounts_of(db, ids)
-    for account in accounts:  # backpressure: a task for an account at its cap waits a little here
-        loop.wait_for_room(account, BUSY_WAIT_MAX)
-    now = clock()
-    with session_scope(s.database_url) as db:
-        report.expired = queries.expire_overdue(db, ids, now)
-        claimed = queries.claim(db, ids, now)
+        waiting = queries.waiting(db, ids)
+    # Room first, claim second: claim only what this process can send now (the per-account cap
+    # of requests in flight). The rest is not written to; it comes back in a new task. Claiming
+    # whole batches and giving back (`sending -> queued`) what found no room claimed 3.8 rows and
+    # unclaimed 2.8 for every message sent (5,000 on PostgreSQL; README "Throughput").
+    by_account: dict[str, list[str]] = {}
+    for row in waiting:
+        if row.status == QUEUED:
+            by_account.setdefault(row.provider, []).append(row.id)
+    chosen: dict[str, str] = {}  # id -> account, with room taken for it
+    busy: dict[str, float] = {}  # id -> seconds until it is tried again (still queued, untouched)
+    try:
+        for account, mids in by_account.items():  # backpressure: wait a little for room
+            room = loop.reserve(account, len(mids), BUSY_WAIT_MAX)
+            chosen.update((mid, account) for mid in mids[:room])
+            busy.update((mid, BUSY_WAIT) for mid in mids[room:])
+        now = clock()
+        overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
+        with session_scope(s.database_url) as db:
+            if overdue:
+                report.expired = queries.expire_overdue(db, overdue, now)
+            claimed = queries.claim(db, list(chosen), now)
+    except BaseException:
+        for mid, account in chosen.items():
+            loop.give_back(account, 1)
+        raise
+    for m in claimed:  # room taken for a message someone else claimed (or cancelled) meanwhile
+        chosen.pop(m.id)
+    for account in chosen.values():
+        loop.give_back(account, 1)
+    if busy:
+        try:
+            _requeue(busy, enqueue)
+        except BrokerUnavailable as exc:
+            log.warning("could not re-enqueue %d message(s) waiting for room (%s); the beat will", len(busy), exc)
     if not claimed:
         return report
     claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
-    transport.warm_up(s.in_flight)
-    for m in claimed:
-        runtime.adapter_for(m.provider)
+    try:
+        transport.warm_up(s.in_flight)
+        for m in claimed:
+            runtime.adapter_for(m.provider)
+    except BaseException:
+        for m in claimed:
+            loop.give_back(m.provider, 1)
+        raise
     # Reserve send instants only now that the claim is committed, so that they start at once:
     # a send that goes later than its reserved instant would crowd the next one at the provider.
     send_at, later = admit([(m.id, m.provider) for m in claimed], s, loop)
@@ -145,7 +178,8 @@ def _record(claimed: Sequence[Message], results: Sequence[SendResult | BaseExcep
 def admit(
     waiting: Sequence[tuple[str, str]], s: Settings, loop: transport.LoopThread
 ) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
-    """Ask the global limiter, once per account, for send instants.
+    """Ask the global limiter, once per account, for send instants for claimed messages whose
+    room in the process (`loop.reserve`) is already taken; room not used is given back.
 
     Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
     {id: seconds until it should be tried again}). The lateness allowed is the limiter's
@@ -158,11 +192,6 @@ def admit(
     admitted: dict[str, tuple[float, float | None]] = {}
     later: dict[str, float] = {}
     for account, mids in by_account.items():
-        room = loop.take(account, len(mids))  # this account's share of the process is bounded
-        later.update({mid: BUSY_WAIT for mid in mids[room:]})
-        mids = mids[:room]
-        if not mids:
-            continue
         rate = s.providers[account].rate_limit if account in s.providers else None
         try:
             r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait)

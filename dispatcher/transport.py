@@ -89,10 +89,15 @@ class LoopThread:
             self._busy[account] -= count
             self._room.notify_all()
 
-    def wait_for_room(self, account: str, timeout: float) -> bool:
-        """Block (at most `timeout` s) until `account` has room for another request in flight."""
+    def reserve(self, account: str, wanted: int, timeout: float) -> int:
+        """Wait (at most `timeout` s) until `account` has room for `wanted` more requests (or for
+        its whole share, if `wanted` is more than that), then take what there is; returns how many."""
         with self._lock:
-            return self._room.wait_for(lambda: self._busy[account] < self.in_flight, timeout)
+            need = min(wanted, self.in_flight)
+            self._room.wait_for(lambda: self.in_flight - self._busy[account] >= need, timeout)
+            granted = max(0, min(wanted, self.in_flight - self._busy[account]))
+            self._busy[account] += granted
+            return granted
 
     def busy(self, account: str) -> int:
         with self._lock:

@@ -152,3 +152,27 @@ def test_a_send_whose_answer_is_lost_is_retried_or_left_unknown_as_the_account_s
     assert len([r for r in sandbox.requests("emsgnow") if r.method == "POST"]) == posts
     if status == "unknown":
         assert "may have reached the provider" in done.error
+
+
+def test_a_batch_claims_only_what_fits_in_flight_and_leaves_the_rest_queued_untouched(dispatcher_env, sandbox,
+                                                                                    broker_down, monkeypatch):
+    from dispatcher import dispatch, runtime, transport
+
+    monkeypatch.setattr(dispatch, "BUSY_WAIT_MAX", 0.1)
+    ids = dispatcher.send_many([{"provider": "alerts", "to": "+14155550123", "text": f"m{i}"} for i in range(5)])
+    before = {mid: dispatcher.get(mid) for mid in ids}
+    loop = transport.process_loop(runtime.settings().in_flight)
+    held = loop.take("alerts", loop.in_flight - 2 - loop.busy("alerts"))  # room for two more only
+    requeued: dict[str, float] = {}
+    try:
+        report = dispatch.dispatch_batch(ids, enqueue=lambda mids, delay: requeued.update(dict.fromkeys(mids, delay)))
+    finally:
+        loop.give_back("alerts", held)
+    sent = sorted(report.statuses)
+    assert report.claimed == 2 and set(report.statuses.values()) == {"accepted"}
+    assert sorted(requeued) == sorted(set(ids) - set(sent)) and all(dispatch.BUSY_WAIT <= d < 1 for d in requeued.values())
+    for mid in requeued:  # never claimed, never written: still queued as it was, no attempt counted
+        msg, was = dispatcher.get(mid), before[mid]
+        assert (msg.status, msg.attempts, len(msg.attempt_log)) == ("queued", 0, 0)
+        assert msg.updated_at == was.updated_at
+    assert len(sandbox.requests("emsgnow")) == 2

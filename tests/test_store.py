@@ -139,3 +139,79 @@ def test_times_come_back_timezone_aware(store_url):
     with session_scope(store_url) as db:
         m = queries.get_message(db, mid)
     assert m.created_at.tzinfo is not None and m.due_at.utcoffset() == timedelta(0)
+
+
+def _settlement(mid: str, now, **values) -> queries.Settlement:
+    unchanged = {c: None for c in queries._SETTLE_COLUMNS}
+    unchanged.update(claimed_at=None, updated_at=now, segments=0, attempts=1)
+    unchanged.update(values)
+    attempt = {"message_id": mid, "number": 1, "started_at": now, "http_status": values.get("http_status_", 200),
+               "outcome": values["status"], "provider_code": values.get("error_code"), "detail": None, "latency_ms": 1.5}
+    unchanged.pop("http_status_", None)
+    return queries.Settlement(mid, unchanged, attempt)
+
+
+def test_record_applies_each_message_its_own_outcome_in_one_batch(store_url):
+    now = utcnow()
+    ids = _add(store_url, 5, due_at=now)
+    accepted, retried, rejected, cancelled, reaped = ids
+    with session_scope(store_url) as db:
+        assert len(queries.claim(db, ids, now)) == 5
+    with session_scope(store_url) as db:  # meanwhile: one cancelled, one settled by the reaper
+        assert queries.set_status(db, cancelled, ["sending"], {"status": "cancelled", "finished_at": now})
+        assert queries.set_status(db, reaped, ["sending"], {"status": "unknown", "error_code": "lease_lost"})
+    due = now + timedelta(seconds=30)
+    batch = [
+        _settlement(accepted, now, status="accepted", provider_ref="ref-1", accepted_at=now, segments=2, cost=0.0075,
+                    cost_currency="EUR"),
+        _settlement(retried, now, status="queued", due_at=due, attempt_key="key-2", error_code="busy", error="try later"),
+        _settlement(rejected, now, status="rejected", error_code="bad_number", error="no such number", finished_at=now),
+        _settlement(cancelled, now, status="accepted", provider_ref="ref-4", accepted_at=now),
+        _settlement(reaped, now, status="accepted", provider_ref="ref-5", accepted_at=now),
+    ]
+    with session_scope(store_url) as db:
+        assert queries.record(db, batch) == 3  # only the three still `sending` moved
+    with session_scope(store_url) as db:
+        got = {mid: queries.get_message(db, mid) for mid in ids}
+        attempts = {mid: queries.get_attempts(db, mid) for mid in ids}
+    a, q, r, c, u = (got[i] for i in ids)
+    assert (a.status, a.provider_ref, a.segments, a.cost, a.cost_currency, a.error_code) == (
+        "accepted", "ref-1", 2, 0.0075, "EUR", None)
+    assert a.accepted_at == now and a.finished_at is None and a.due_at is None and a.claimed_at is None
+    assert (q.status, q.due_at, q.attempt_key, q.error_code, q.error, q.provider_ref) == (
+        "queued", due, "key-2", "busy", "try later", None)
+    assert (r.status, r.error_code, r.error, r.finished_at, r.provider_ref) == (
+        "rejected", "bad_number", "no such number", now, None)
+    assert (c.status, c.provider_ref, c.accepted_at) == ("cancelled", None, None)  # a final status never moves
+    assert (u.status, u.error_code, u.provider_ref) == ("unknown", "lease_lost", None)
+    assert [(x.outcome, x.latency_ms) for x in attempts[accepted]] == [("accepted", 1.5)]
+    assert [x.outcome for x in attempts[retried]] == ["queued"]
+    assert all(len(attempts[i]) == 1 for i in ids)  # every attempt made is kept, settled or not
+
+
+def test_record_of_a_larger_batch_keeps_each_outcome_with_its_message(store_url):
+    now = utcnow()
+    ids = _add(store_url, 30, due_at=now)
+    with session_scope(store_url) as db:
+        queries.claim(db, ids, now)
+    batch = [_settlement(mid, now, status="accepted" if i % 2 else "rejected", provider_ref=f"r{i}")
+             for i, mid in enumerate(ids)]
+    with session_scope(store_url) as db:
+        assert queries.record(db, batch) == 30
+    with session_scope(store_url) as db:
+        got = [queries.get_message(db, mid) for mid in ids]
+    assert [(m.status, m.provider_ref) for m in got] == [("accepted" if i % 2 else "rejected", f"r{i}") for i in range(30)]
+
+
+def test_claim_takes_only_what_is_due_and_not_overdue_and_returns_the_rows(store_url):
+    now = utcnow()
+    [due] = _add(store_url, 1, due_at=now - timedelta(seconds=1), not_after=now + timedelta(hours=1))
+    [later] = _add(store_url, 1, due_at=now + timedelta(minutes=5))
+    [overdue] = _add(store_url, 1, due_at=now, not_after=now - timedelta(seconds=1))
+    [held] = _add(store_url, 1, status="scheduled", due_at=now)
+    with session_scope(store_url) as db:
+        waiting = queries.waiting(db, [due, later, overdue, held, "no-such-id"])
+        claimed = queries.claim(db, [due, later, overdue, held], now)
+    assert sorted(w.id for w in waiting) == sorted([due, later, overdue, held])
+    assert [(m.id, m.status, m.attempts, m.claimed_at, m.to) for m in claimed] == [(due, "sending", 1, now, "+14155550000")]
+    assert [_status(store_url, i) for i in (later, overdue, held)] == ["queued", "queued", "scheduled"]

@@ -31,3 +31,23 @@ def test_close_waits_for_work_started_in_the_background():
     loop.submit(work)
     loop.close()
     assert finished == [True]
+
+
+def test_reserve_waits_for_room_for_the_whole_batch_then_takes_what_there_is():
+    import threading
+    import time
+
+    loop = LoopThread(in_flight=10)
+    try:
+        assert loop.reserve("acct", 4, timeout=1.0) == 4  # room at once
+        assert loop.reserve("acct", 30, timeout=0.0) == 6  # more than its share: what is left
+        threading.Timer(0.2, loop.give_back, args=("acct", 5)).start()
+        started = time.monotonic()
+        assert loop.reserve("acct", 5, timeout=5.0) == 5  # woke when five came back, not before
+        assert 0.15 < time.monotonic() - started < 4.0
+        loop.give_back("acct", 3)
+        started = time.monotonic()
+        assert loop.reserve("acct", 8, timeout=0.2) == 3  # gave up waiting for eight: took the three free
+        assert time.monotonic() - started >= 0.2 and loop.busy("acct") == 10
+    finally:
+        loop.close()
