@@ -31,7 +31,7 @@ def main() -> None:
     from dispatcher.dispatch import dispatch_batch
     from dispatcher.sandbox.server import SandboxThread
     from dispatcher.status import poll
-    from dispatcher.store.models import FINAL, Message
+    from dispatcher.store.models import FINAL, Event, Message
     from dispatcher.transport import close_process_loop
     from sqlalchemy import func, select
 
@@ -102,7 +102,12 @@ sender_id = "eSMSAfrica"
             kinds = {kind: sum(1 for r in gets if r.kind == kind) for kind in ("emsgnow", "emnify", "esms_africa")}
             checks = sum(1 for r in gets if r.path == "/api/messages/status")
             by_kind = ", ".join(f"{k} {n}" for k, n in kinds.items()) + f" (of which {checks} batched checks)"
-            print(f"{rnd:>5}  {len(gets):>15}  {len(gets) / len(ids):>11.2f}  {time.monotonic() - started:>7.1f}  {by_kind}")
+            with runtime.session() as db:
+                stored, distinct = db.execute(
+                    select(func.count(), func.count(func.distinct(Event.message_id + ":" + Event.event_id)))
+                    .where(Event.message_id.in_(ids))).one()
+            print(f"{rnd:>5}  {len(gets):>15}  {len(gets) / len(ids):>11.2f}  {time.monotonic() - started:>7.1f}  {by_kind}; "
+                  f"{stored} events stored, {distinct} distinct")
     close_process_loop()
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import dispatcher
 from dispatcher import runtime
 from dispatcher.testing import SandboxProcess, WorkerProcesses, most_in_window, wait_until_settled
@@ -30,7 +28,6 @@ rate_limit = "20/s"
 """
 
 
-@pytest.mark.timing  # wall-clock sensitive: run by hand with `./dev test -m timing` (see README)
 def test_four_worker_processes_share_one_limit(dispatcher_env, monkeypatch):
     # the provider runs in a process of its own, so it counts arrivals as a real one would
     with SandboxProcess() as provider:
