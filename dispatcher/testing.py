@@ -42,15 +42,32 @@ class WorkerProcesses:
                 env=self.env, stdout=log, stderr=subprocess.STDOUT))
         return self
 
+    def _app(self):  # type: ignore[no-untyped-def]
+        """A Celery app on the workers' own broker namespace (their DISPATCHER_REDIS_PREFIX)."""
+        from .worker import create_app
+
+        return create_app(prefix=self.env.get("DISPATCHER_REDIS_PREFIX", "dispatcher"))
+
+    def publish(self, ids: Iterable[str], batch_size: int = 100) -> None:
+        """Enqueue dispatch tasks for `ids` where these workers (and only workers sharing their
+        key prefix) consume them; pair with an environment of a prefix of its own."""
+        from .queue import TASK_DISPATCH
+
+        ids, app = list(ids), self._app()
+        try:
+            with app.producer_or_acquire() as producer:
+                for start in range(0, len(ids), batch_size):
+                    app.send_task(TASK_DISPATCH, args=[ids[start:start + batch_size]], producer=producer)
+        finally:
+            app.close()
+
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker answers a Celery ping: started, connected, consuming.
 
         Measurements of a running pipeline start after this, so that workers still importing
         and connecting (a second of CPU each) do not share the machine with the ones sending.
         """
-        from .worker import create_app
-
-        app = create_app()  # the current environment's broker and key prefix, as the workers have
+        app = self._app()
         wanted = {f"w{i}-{os.getpid()}@" for i in range(self.count)}
         deadline = time.monotonic() + timeout
         try:

@@ -26,7 +26,8 @@ TASK_POLL = "dispatcher.poll_status"
 log = logging.getLogger("dispatcher.worker")
 
 
-def create_app() -> Celery:
+def create_app(prefix: str | None = None) -> Celery:
+    """The Celery app for the configured Redis; `prefix` overrides DISPATCHER_REDIS_PREFIX."""
     s = runtime.settings()
     celery = Celery("dispatcher", broker=s.redis_url, set_as_current=False)
     celery.conf.update(
@@ -46,7 +47,7 @@ def create_app() -> Celery:
         broker_connection_timeout=3,
         broker_transport_options={
             "visibility_timeout": 3600,
-            "global_keyprefix": f"{keys.prefix()}:",
+            "global_keyprefix": f"{prefix or keys.prefix()}:",
             "socket_connect_timeout": 3,
             "socket_timeout": 10,
         },

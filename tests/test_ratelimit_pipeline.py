@@ -28,17 +28,20 @@ rate_limit = "20/s"
 """
 
 
-def test_four_worker_processes_share_one_limit(dispatcher_env, monkeypatch):
+def test_four_worker_processes_share_one_limit(dispatcher_env, broker_down, redis_prefix, redis_client, monkeypatch):
     # the provider runs in a process of its own, so it counts arrivals as a real one would
     with SandboxProcess() as provider:
         provider.configure("emsgnow", rate_limit=100000)
         env = _env(dispatcher_env, provider, LIMITED.format(url=provider.base_url("emsgnow"),
                                                             key=provider.credentials("emsgnow")["api_key"]))
         monkeypatch.setenv("DISPATCHER_CONFIG", env["DISPATCHER_CONFIG"])
+        # queues of their own: the session's in-process worker (other tests') never takes a task
+        env["DISPATCHER_REDIS_PREFIX"] = f"{redis_prefix}-rl4"
         with WorkerProcesses(count=4, env=env, concurrency=4) as workers:
             workers.wait_ready()  # all four consuming before the first message is there to send
             ids = dispatcher.send_many([{"provider": "limited", "to": f"+1415555{i:04d}", "text": f"n{i}"}
-                                        for i in range(400)])
+                                        for i in range(400)])  # stored, not enqueued (broker_down)
+            workers.publish(ids)
             statuses = wait_until_settled(ids, timeout=60, interval=0.5)
         posts = [r["received_at"] for r in provider.requests("emsgnow") if r["method"] == "POST"]
     assert set(statuses.values()) == {"accepted"}
