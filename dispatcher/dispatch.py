@@ -78,42 +78,7 @@ def dispatch_batch(
     ensure_schema(s.database_url)
     report = BatchReport()
     loop = transport.process_loop(s.in_flight)
-    with session_scope(s.database_url) as db:
-        waiting = queries.waiting(db, ids)
-    # Room first, claim second: claim only what this process can send now (the per-account cap
-    # of requests in flight). The rest is not written to; it comes back in a new task. Claiming
-    # whole batches and giving back (`sending -> queued`) what found no room claimed 3.8 rows and
-    # unclaimed 2.8 for every message sent (5,000 on PostgreSQL; README "Throughput").
-    by_account: dict[str, list[str]] = {}
-    for row in waiting:
-        if row.status == QUEUED:
-            by_account.setdefault(row.provider, []).append(row.id)
-    chosen: dict[str, str] = {}  # id -> account, with room taken for it
-    busy: dict[str, float] = {}  # id -> seconds until it is tried again (still queued, untouched)
-    try:
-        for account, mids in by_account.items():  # backpressure: wait a little for room
-            room = loop.reserve(account, len(mids), BUSY_WAIT_MAX)
-            chosen.update((mid, account) for mid in mids[:room])
-            busy.update((mid, BUSY_WAIT) for mid in mids[room:])
-        now = clock()
-        overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
-        with session_scope(s.database_url) as db:
-            if overdue:
-                report.expired = queries.expire_overdue(db, overdue, now)
-            claimed = queries.claim(db, list(chosen), now)
-    except BaseException:
-        for mid, account in chosen.items():
-            loop.give_back(account, 1)
-        raise
-    for m in claimed:  # room taken for a message someone else claimed (or cancelled) meanwhile
-        chosen.pop(m.id)
-    for account in chosen.values():
-        loop.give_back(account, 1)
-    if busy:
-        try:
-            _requeue(busy, enqueue)
-        except BrokerUnavailable as exc:
-            log.warning("could not re-enqueue %d message(s) waiting for room (%s); the beat will", len(busy), exc)
+    claimed, now = _claim_what_fits(ids, s, loop, clock, report, enqueue)
     if not claimed:
         return report
     claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
@@ -147,6 +112,53 @@ def dispatch_batch(
         return loop.run(send_and_record)
     loop.submit(send_and_record)
     return report
+
+
+def _claim_what_fits(ids: Sequence[str], s: Settings, loop: transport.LoopThread, clock: Callable[[], datetime],
+                     report: BatchReport, enqueue: Callable[[list[str], float], None] | None
+                     ) -> tuple[list[Message], datetime]:
+    """Room first, claim second: claim only what this process can send now.
+
+    Room is the per-account cap of requests in flight (`loop.reserve`, waiting up to
+    BUSY_WAIT_MAX for it). Messages without room are not written to; they go back to the
+    broker in a new task. Claiming whole batches and giving back (`sending -> queued`) what
+    found no room claimed 3.8 rows and unclaimed 2.8 for every message sent (5,000 on
+    PostgreSQL; README "Throughput"). Overdue messages (past not_after) expire here. The room
+    of every claimed message stays taken; it is given back when its send is recorded.
+    """
+    with session_scope(s.database_url) as db:
+        waiting = queries.waiting(db, ids)
+    by_account: dict[str, list[str]] = {}
+    for row in waiting:
+        if row.status == QUEUED:
+            by_account.setdefault(row.provider, []).append(row.id)
+    chosen: dict[str, str] = {}  # id -> account, with room taken for it
+    busy: dict[str, float] = {}  # id -> seconds until it is tried again (still queued, untouched)
+    try:
+        for account, mids in by_account.items():
+            room = loop.reserve(account, len(mids), BUSY_WAIT_MAX)
+            chosen.update((mid, account) for mid in mids[:room])
+            busy.update((mid, BUSY_WAIT) for mid in mids[room:])
+        now = clock()
+        overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
+        with session_scope(s.database_url) as db:
+            if overdue:
+                report.expired = queries.expire_overdue(db, overdue, now)
+            claimed = queries.claim(db, list(chosen), now)
+    except BaseException:
+        for account in chosen.values():
+            loop.give_back(account, 1)
+        raise
+    for m in claimed:
+        chosen.pop(m.id)
+    for account in chosen.values():  # room taken for a message someone else claimed (or cancelled) meanwhile
+        loop.give_back(account, 1)
+    if busy:
+        try:
+            _requeue(busy, enqueue)
+        except BrokerUnavailable as exc:
+            log.warning("could not re-enqueue %d message(s) waiting for room (%s); the beat will", len(busy), exc)
+    return claimed, now
 
 
 def _record(claimed: Sequence[Message], results: Sequence[SendResult | BaseException | object], report: BatchReport,
