@@ -17,8 +17,10 @@ at WARNING with the account and the reason, never the secret nor the credential 
 400 for a body that is not JSON or names no message and event; 200 {"stored": n} when the
 message is known (n = events new to the store: 0 for a replay); 202 {"stored": 0,
 "unknown": n} when no message of that account has the provider's id (logged at INFO): a 2xx,
-so the provider does not retry forever for a message this store never sent; polling still
-settles a message whose report raced ahead of its own acceptance being recorded.
+so the provider does not retry forever for a message this store never sent. But while the
+account has sends whose result is not recorded yet, the report may have overtaken its own
+send's answer: then 503 with Retry-After 1, so the provider tries again (and polling would
+still fetch the event if it gives up).
 
 The events go through `intake.apply_events`, the same path as the poller: each is stored
 once (unique per message and event id), the message follows its latest event, and final
@@ -50,7 +52,7 @@ from .providers.base import WEBHOOK_SECRET_KEY, DeliveryEvent
 from .providers.emnify import sms_events, split_ref
 from .providers.emsgnow import callback_events
 from .providers.esms_africa import events_from_message, webhook_message
-from .store.models import Message, utcnow
+from .store.models import SENDING, Message, utcnow
 from .webhook_auth import why_emnify_jwt_fails, why_esms_signature_fails, why_token_fails
 
 log = logging.getLogger("dispatcher.webhooks")
@@ -153,15 +155,24 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def store_reports(account: str, kind: str, reports: list[Report], now: datetime) -> tuple[int, int]:
-    """(events stored, reports about unknown messages). Runs in a worker thread."""
+@dataclass(frozen=True)
+class Stored:
+    """What one delivery of reports did to the store."""
+
+    events: int  # events new to the store
+    unknown: int  # reports naming no message of the account
+    sends_in_flight: bool  # the account has sends whose result is not recorded yet
+
+
+def store_reports(account: str, kind: str, reports: list[Report], now: datetime) -> Stored:
+    """Store what the reports say of known messages. Runs in a worker thread."""
     try:
         return _store(account, kind, reports, now)
     except IntegrityError:  # the same event stored meanwhile by a concurrent delivery: once more sees it
         return _store(account, kind, reports, now)
 
 
-def _store(account: str, kind: str, reports: list[Report], now: datetime) -> tuple[int, int]:
+def _store(account: str, kind: str, reports: list[Report], now: datetime) -> Stored:
     stored = unknown = 0
     with runtime.session() as db:
         for report in reports:
@@ -171,7 +182,10 @@ def _store(account: str, kind: str, reports: list[Report], now: datetime) -> tup
                 continue
             message, settles = found
             stored += apply_events(db, message.id, report.events, now, settles=settles).new_events
-    return stored, unknown
+        in_flight = bool(unknown) and db.execute(
+            select(Message.id).where(Message.provider == account, Message.status == SENDING).limit(1)
+        ).first() is not None
+    return Stored(stored, unknown, in_flight)
 
 
 # --------------------------------------------------------------------------- the app
@@ -202,10 +216,16 @@ def build_app(settings: Callable[[], Settings] = runtime.settings) -> web.Applic
             why = str(exc) if isinstance(exc, BadBody) else "the body is not JSON"
             log.warning("webhook for account %s not understood: %s", name, why)
             return _answer(400, {"error": why})
-        stored, unknown = await asyncio.to_thread(store_reports, name, account.kind, reports, utcnow())
+        result = await asyncio.to_thread(store_reports, name, account.kind, reports, utcnow())
+        stored, unknown = result.events, result.unknown
         if unknown == len(reports):
-            log.info("webhook for account %s names no known message (%s); answered 202",
-                     name, ", ".join(r.ref for r in reports))
+            refs = ", ".join(r.ref for r in reports)
+            if result.sends_in_flight:  # the report may have overtaken its own send's result
+                log.info("webhook for account %s names no known message (%s) while sends are being "
+                         "recorded; answered 503 so the provider retries", name, refs)
+                return web.json_response({"error": "not known yet; retry", "unknown": unknown}, status=503,
+                                         headers={"Retry-After": "1"})
+            log.info("webhook for account %s names no known message (%s); answered 202", name, refs)
             return _answer(202, {"stored": 0, "unknown": unknown})
         log.debug("webhook for account %s: %d new events", name, stored)
         return _answer(200, {"stored": stored} if not unknown else {"stored": stored, "unknown": unknown})

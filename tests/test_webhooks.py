@@ -361,6 +361,21 @@ def test_unknown_accounts_missing_secrets_bad_bodies_and_unknown_messages(hooks,
     assert (unknown.status_code, unknown.json()) == (202, {"stored": 0, "unknown": 1})
 
 
+def test_a_report_that_may_have_overtaken_its_send_is_asked_again_not_dropped(hooks, sandbox):
+    from dispatcher.store import queries
+
+    es = EsmsAfrica(sandbox, hooks)
+    msg = dispatcher.send(es.account, es.to, "in flight")
+    with runtime.session() as db:
+        queries.claim(db, [msg.id], utcnow())  # its send is under way: the provider's id is not stored yet
+    report = json.dumps({"id": "not-recorded-yet", "status": "delivered"}).encode()
+    answer = es.post(report)
+    assert (answer.status_code, answer.headers["Retry-After"]) == (503, "1")  # the provider retries
+    with runtime.session() as db:
+        queries.set_status(db, msg.id, ["sending"], {"status": "queued"})  # no send of the account in flight now
+    assert es.post(report).status_code == 202  # a message this store never sent: no endless retries
+
+
 def test_a_message_of_another_account_is_not_touched(hooks, sandbox, monkeypatch):
     """Lookups are by (account, provider id): a report for `hooks` never settles an `alerts` message."""
     em = Emsgnow(sandbox, hooks)
