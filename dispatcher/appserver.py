@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -97,12 +97,6 @@ class AppThread:
             return fn()
 
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=30)
-
-    def submit(self, coro: Awaitable[Any]) -> Any:
-        """Run a coroutine on the server's loop and return its result."""
-        if self._loop is None:
-            raise RuntimeError(f"{self._name} is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)  # type: ignore[arg-type]
 
     async def _main(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()

@@ -72,11 +72,6 @@ def last_final_event(events: list[DeliveryEvent]) -> DeliveryEvent | None:
     return None
 
 
-def final_status(events: list[DeliveryEvent]) -> str | None:
-    event = last_final_event(events)
-    return None if event is None else FINAL_BY_EVENT[event.status]
-
-
 def event_row(e: DeliveryEvent) -> dict:
     """The `events` table row of one DeliveryEvent (message_id is added by the query)."""
     return {"event_id": e.event_id, "status": e.status, "provider_status": e.provider_status,

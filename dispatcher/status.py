@@ -30,7 +30,7 @@ from . import runtime, transport
 from .config import Settings
 from .dispatch import outbound
 from .intake import apply_events
-from .providers.base import DeliveryEvent
+from .providers.base import Adapter, DeliveryEvent
 from .ratelimit import RateLimiterUnavailable
 from .store import queries
 from .store.db import ensure_schema, session_scope
@@ -169,21 +169,21 @@ class StatusCheckFailed(Exception):
     """A batched status check was answered with something other than 200."""
 
 
-async def _until(instant: float) -> None:
+async def _send_at(adapter: Adapter, request: httpx.Request, instant: float) -> httpx.Response:
+    """Send one status request at its reserved instant over the process's shared client."""
     wait = instant - time.monotonic()
     if wait > 0:
         await asyncio.sleep(wait)
+    response = await transport.process_loop().client().send(request, auth=adapter.auth() or httpx.USE_CLIENT_DEFAULT)
+    await response.aread()
+    return response
 
 
 async def _check_all(chunks: list[list[Message]], send_at: list[float]) -> list[dict[str, str] | BaseException]:
-    client = transport.process_loop().client()
-
     async def one(chunk: list[Message], instant: float) -> dict[str, str]:
         adapter = runtime.adapter_for(chunk[0].provider)
-        await _until(instant)
         request = adapter.build_status_batch_request([m.provider_ref for m in chunk if m.provider_ref])
-        response = await client.send(request, auth=adapter.auth() or httpx.USE_CLIENT_DEFAULT)
-        await response.aread()
+        response = await _send_at(adapter, request, instant)
         if response.status_code != 200:
             raise StatusCheckFailed(f"HTTP {response.status_code}")
         return adapter.parse_status_batch(response)
@@ -192,14 +192,10 @@ async def _check_all(chunks: list[list[Message]], send_at: list[float]) -> list[
 
 
 async def _fetch_all(messages: list[Message], send_at: list[float]) -> list[list[DeliveryEvent] | BaseException]:
-    client = transport.process_loop().client()
-
     async def one(m: Message, instant: float) -> list[DeliveryEvent]:
         adapter = runtime.adapter_for(m.provider)
         msg = outbound(m)
-        await _until(instant)
-        response = await client.send(adapter.build_status_request(msg), auth=adapter.auth() or httpx.USE_CLIENT_DEFAULT)
-        await response.aread()
+        response = await _send_at(adapter, adapter.build_status_request(msg), instant)
         return adapter.parse_status(response, msg)
 
     return await asyncio.gather(*(one(m, at) for m, at in zip(messages, send_at)), return_exceptions=True)

@@ -80,9 +80,7 @@ class LoopThread:
         """Count up to `wanted` more requests in flight for `account` (at most `in_flight` each);
         returns how many were taken. One account at its cap never holds up another."""
         with self._lock:
-            granted = max(0, min(wanted, self.in_flight - self._busy[account]))
-            self._busy[account] += granted
-            return granted
+            return self._grant(account, wanted)
 
     def give_back(self, account: str, count: int) -> None:
         with self._lock:
@@ -95,9 +93,13 @@ class LoopThread:
         with self._lock:
             need = min(wanted, self.in_flight)
             self._room.wait_for(lambda: self.in_flight - self._busy[account] >= need, timeout)
-            granted = max(0, min(wanted, self.in_flight - self._busy[account]))
-            self._busy[account] += granted
-            return granted
+            return self._grant(account, wanted)
+
+    def _grant(self, account: str, wanted: int) -> int:
+        """Take up to `wanted` of `account`'s free room; the caller holds the lock."""
+        granted = max(0, min(wanted, self.in_flight - self._busy[account]))
+        self._busy[account] += granted
+        return granted
 
     def busy(self, account: str) -> int:
         with self._lock:

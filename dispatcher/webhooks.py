@@ -223,8 +223,7 @@ def build_app(settings: Callable[[], Settings] = runtime.settings) -> web.Applic
             if result.sends_in_flight:  # the report may have overtaken its own send's result
                 log.info("webhook for account %s names no known message (%s) while sends are being "
                          "recorded; answered 503 so the provider retries", name, refs)
-                return web.json_response({"error": "not known yet; retry", "unknown": unknown}, status=503,
-                                         headers={"Retry-After": "1"})
+                return _answer(503, {"error": "not known yet; retry", "unknown": unknown}, {"Retry-After": "1"})
             log.info("webhook for account %s names no known message (%s); answered 202", name, refs)
             return _answer(202, {"stored": 0, "unknown": unknown})
         log.debug("webhook for account %s: %d new events", name, stored)
@@ -236,8 +235,8 @@ def build_app(settings: Callable[[], Settings] = runtime.settings) -> web.Applic
     return app
 
 
-def _answer(status: int, body: dict[str, Any]) -> web.Response:
-    return web.json_response(body, status=status)
+def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
 
 
 # --------------------------------------------------------------------------- running it

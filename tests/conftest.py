@@ -59,6 +59,15 @@ def clean_sandbox(sandbox):
     sandbox.reset()
 
 
+@pytest.fixture(scope="module")
+def receiver():
+    """The webhook receiver on loopback (`dispatcher webhooks` in a thread), one per test module."""
+    from dispatcher.webhooks import ReceiverThread
+
+    with ReceiverThread() as r:
+        yield r
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> str:
     """A PostgreSQL schema of this session's own (dropped at the end)."""

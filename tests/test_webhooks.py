@@ -31,7 +31,6 @@ from dispatcher.webhook_auth import (
     verify_token,
     why_emnify_jwt_fails,
 )
-from dispatcher.webhooks import ReceiverThread
 
 from .conftest import wait_for, write_config
 
@@ -70,12 +69,6 @@ secret_key = "secret"
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def receiver():
-    with ReceiverThread() as r:
-        yield r
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def hooks(request, dispatcher_env, sandbox, broker_down, monkeypatch, receiver):
     from dispatcher.providers.emnify import clear_token_cache

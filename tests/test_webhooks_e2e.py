@@ -22,7 +22,6 @@ from dispatcher.dispatch import dispatch_batch
 from dispatcher.sandbox.callbacks import DEFAULT_RETRIES
 from dispatcher.status import poll
 from dispatcher.store.models import utcnow
-from dispatcher.webhooks import ReceiverThread
 
 from .conftest import wait_for, write_config
 
@@ -59,12 +58,6 @@ application_token = "{emnify_token}"
 source_address = "12345"
 webhook_secret = "{emnify_secret}"
 """
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    with ReceiverThread() as r:
-        yield r
 
 
 @pytest.fixture()
