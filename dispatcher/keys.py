@@ -1,4 +1,4 @@
-"""Every Redis key and queue name the dispatcher uses, in one place.
+"""Every Redis key, queue and task name the dispatcher uses, in one place.
 
 All keys share a prefix (DISPATCHER_REDIS_PREFIX, default "dispatcher") so that tests
 and several deployments can share one Redis server. Per-account keys carry a hash tag
@@ -11,6 +11,9 @@ import os
 
 QUEUE_SEND = "dispatcher.send"
 QUEUE_BEAT = "dispatcher.beat"
+TASK_DISPATCH = "dispatcher.dispatch"
+TASK_TICK = "dispatcher.tick"
+TASK_POLL = "dispatcher.poll_status"
 
 
 def prefix() -> str:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from .keys import TASK_DISPATCH
 from .errors import BrokerUnavailable
 
 log = logging.getLogger("dispatcher.queue")
-TASK_DISPATCH = "dispatcher.dispatch"
 
 
 def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -> None:
@@ -17,7 +17,7 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -
     Raises BrokerUnavailable when Redis cannot be reached; the rows are already committed,
     so the beat's sweep will enqueue them once it can.
     """
-    from .worker import app  # the Celery app is built on first use
+    from .celery_app import app
 
     ids = list(ids)
     if not ids:

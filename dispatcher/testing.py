@@ -44,14 +44,14 @@ class WorkerProcesses:
 
     def _app(self):  # type: ignore[no-untyped-def]
         """A Celery app on the workers' own broker namespace (their DISPATCHER_REDIS_PREFIX)."""
-        from .worker import create_app
+        from .celery_app import create_app
 
         return create_app(prefix=self.env.get("DISPATCHER_REDIS_PREFIX", "dispatcher"))
 
     def publish(self, ids: Iterable[str], batch_size: int = 100) -> None:
         """Enqueue dispatch tasks for `ids` where these workers (and only workers sharing their
         key prefix) consume them; pair with an environment of a prefix of its own."""
-        from .queue import TASK_DISPATCH
+        from .keys import TASK_DISPATCH
 
         ids, app = list(ids), self._app()
         try:
