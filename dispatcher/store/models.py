@@ -61,6 +61,7 @@ class Message(SQLModel, table=True):
     __table_args__ = (
         Index("ix_messages_status_due", "status", "due_at"),
         Index("ix_messages_provider_ref", "provider", "provider_ref"),  # webhooks find a message by the provider's id
+        Index("ix_messages_claimed_by", "claimed_by"),  # the reaper finds a dead worker's claims
         UniqueConstraint("idempotency_key", name="uq_messages_idempotency_key"),
     )
 
@@ -87,12 +88,22 @@ class Message(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     claimed_at: Optional[datetime] = _dt()
+    # The current claim (see README "What survives a failure"): which claim and worker process
+    # hold the message while it is `sending`, and whether its request may have started.
+    claim_token: Optional[str] = Field(default=None, max_length=32)
+    claimed_by: Optional[str] = Field(default=None, max_length=64)
+    started_at: Optional[datetime] = _dt()  # set (compare-and-set) just before the request is written
+    key_exposed: bool = False  # attempt_key may have reached the provider: never replace it
+    enqueued_at: Optional[datetime] = _dt()  # last time a task for it was published (lost-task sweep)
     accepted_at: Optional[datetime] = _dt()
     finished_at: Optional[datetime] = _dt()
 
 
 class Attempt(SQLModel, table=True):
-    """One HTTP send attempt: never a credential, only what the wire showed."""
+    """One settled send attempt: its claim, its key, whether its request started, its result.
+
+    Never a credential, only what the wire showed.
+    """
 
     __tablename__ = "attempts"
 
@@ -101,10 +112,27 @@ class Attempt(SQLModel, table=True):
     number: int
     started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     http_status: Optional[int] = None
-    outcome: str = Field(max_length=16)  # accepted | retry | rejected | unknown
+    # accepted | retry | throttled | rejected | unknown | recovered (a dead worker's claim, settled by the reaper)
+    outcome: str = Field(max_length=16)
+    claim_token: Optional[str] = Field(default=None, max_length=32)
+    worker: Optional[str] = Field(default=None, max_length=64)
+    attempt_key: Optional[str] = Field(default=None, max_length=64)
+    request_started: bool = True  # False: the claim ended before any byte of the request left
     provider_code: Optional[str] = Field(default=None, max_length=100)
     detail: Optional[str] = Field(default=None, sa_column=Column(Text))
     latency_ms: float = 0.0
+
+
+class Worker(SQLModel, table=True):
+    """A live worker process: its heartbeat tells the reaper within seconds that it died."""
+
+    __tablename__ = "workers"
+
+    id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(max_length=200)
+    pid: int
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_seen: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
 class Event(SQLModel, table=True):
