@@ -33,3 +33,8 @@ def rate_log(account: str) -> str:
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"
+
+
+def broker_epoch() -> str:
+    """A marker the beat sets once; if it is gone, Redis lost its data and every queued task with it."""
+    return f"{prefix()}:broker:epoch"

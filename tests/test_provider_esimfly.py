@@ -273,8 +273,12 @@ def sandbox_adapter(sandbox, secret_key: str | None = None) -> EsimflyAdapter:
 
 
 def send(adapter: EsimflyAdapter, msg: OutboundMessage, timeout: float = 5.0):
+    import dataclasses
+
+    adapter.account = dataclasses.replace(adapter.account, timeout=timeout)  # the account's timeout applies
+
     async def go():
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient() as client:
             return await adapter.send(client, msg)
 
     return asyncio.run(go())

@@ -292,6 +292,11 @@ class Adapter:
     def auth(self) -> httpx.Auth | None:
         return None
 
+    def timeouts(self) -> dict[str, float]:
+        """The account's `timeout` as a request extension (a Request built by hand carries none)."""
+        t = float(self.account.timeout)
+        return httpx.Timeout(t, connect=min(t, 5.0)).as_dict()
+
     def url(self, path: str) -> str:
         return self.account.base_url + path
 
@@ -307,6 +312,7 @@ class Adapter:
     async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
         """Build, sign, post and judge one message. Network errors become RetryLater here."""
         request = self.build_request(msg)
+        request.extensions.setdefault("timeout", self.timeouts())
         started = time.perf_counter()
         try:
             response = await client.send(request, auth=self.auth() or httpx.USE_CLIENT_DEFAULT)
