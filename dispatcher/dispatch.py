@@ -60,7 +60,7 @@ MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit 
 NOT_STARTED = object()  # not sent: the worker is stopping, or its start could not be recorded
 NOT_OURS = object()  # not sent: the claim was taken from this worker (the reaper judged it dead)
 STARTED = object()
-MARK_LEAD = 0.02  # seconds before a reserved slot its start is recorded, so the store's latency never delays the send
+MARK_LEAD = 0.02  # seconds before a reserved slot a start is recorded (kinds with a harmless resend)
 RECORD_PATIENCE = 120.0  # seconds a batch's record is retried while the store is away
 THROTTLE_LEAD = 0.25  # of throttle_wait: how early a throttled message comes back for its next slot
 BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
@@ -213,48 +213,70 @@ class SendJob:
 
 
 class Starts:
-    """Marks claims as started just before their requests are written, many at once.
+    """Records that claims' requests start (just before they are written), many at once.
 
     Every send that reaches its instant in the same turn of the event loop joins one
     compare-and-set UPDATE; only the ids it returns are sent. If the store cannot be written,
-    nothing is sent: a request never goes out unrecorded.
+    nothing is sent: a request never goes out unrecorded. A start recorded for a send that
+    then does not go (it woke too late for its slot) is taken back at once (`unstart`), so a
+    crash leaves it "never started" and it is sent again, not written off.
     """
 
     def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
         self.url, self.token, self.clock = url, token, clock
-        self.pending: list[tuple[str, asyncio.Future]] = []
-        self.flushing = False
+        self._marks = _Coalesced(self._mark)
+        self._unmarks = _Coalesced(self._unmark)
 
     async def start(self, message_id: str) -> object:
         """STARTED, NOT_OURS (the claim moved on) or NOT_STARTED (the store was unreachable)."""
+        return await self._marks.submit(message_id, STARTED)
+
+    async def unstart(self, message_id: str) -> None:
+        await self._unmarks.submit(message_id, STARTED)
+
+    def _mark(self, ids: list[str]) -> set[str]:
+        with session_scope(self.url) as db:
+            return queries.mark_started(db, ids, self.token, self.clock())
+
+    def _unmark(self, ids: list[str]) -> set[str]:
+        with session_scope(self.url) as db:
+            return queries.unmark_started(db, ids, self.token)
+
+
+class _Coalesced:
+    """Runs `write(ids) -> ids done` in a thread for every id submitted in one turn of the loop."""
+
+    def __init__(self, write: Callable[[list[str]], set[str]]) -> None:
+        self.write = write
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.flushing = False
+
+    async def submit(self, message_id: str, done: object) -> object:
+        """`done` if the write covered the id, NOT_OURS if it did not, NOT_STARTED if it failed."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((message_id, future))
         if not self.flushing:
             self.flushing = True
-            asyncio.ensure_future(self._flush())
+            asyncio.ensure_future(self._flush(done))
         return await future
 
-    async def _flush(self) -> None:
+    async def _flush(self, done: object) -> None:
         try:
             while self.pending:
                 batch, self.pending = self.pending, []
                 ids = [mid for mid, _ in batch]
                 try:
-                    ours = await asyncio.to_thread(self._mark, ids)
-                except Exception as exc:  # noqa: BLE001 - unreachable store: send nothing, hand them back
-                    log.warning("could not mark %d message(s) started (%s: %s); not sending them: %s", len(ids),
+                    ours = await asyncio.to_thread(self.write, ids)
+                except Exception as exc:  # noqa: BLE001 - an unreachable store: the callers send nothing
+                    log.warning("could not record the start of %d message(s) (%s: %s): %s", len(ids),
                                 type(exc).__name__, exc, ",".join(ids))
                     for _, f in batch:
                         f.set_result(NOT_STARTED)
                     continue
                 for mid, f in batch:
-                    f.set_result(STARTED if mid in ours else NOT_OURS)
+                    f.set_result(done if mid in ours else NOT_OURS)
         finally:
             self.flushing = False
-
-    def _mark(self, ids: list[str]) -> set[str]:
-        with session_scope(self.url) as db:
-            return queries.mark_started(db, ids, self.token, self.clock())
 
 
 async def record_durably(s: Settings, step: Callable[[], object], ids: Sequence[str]) -> None:
@@ -448,7 +470,10 @@ async def send_all(
     async def one(m: Message) -> object:
         adapter = runtime.adapter_for(m.provider)
         at, slack = send_at.get(m.id, (0.0, None))
-        lead = 0.0 if slack is None else MARK_LEAD  # record the start a moment ahead of a reserved slot
+        # Record the start a moment ahead of a reserved slot, so the store's latency never delays
+        # the send, where a start recorded for nothing is harmless (a resend under the same key);
+        # elsewhere at the slot itself, so a crash leaves the shortest "may have started" gap.
+        lead = MARK_LEAD if slack is not None and adapter.idempotent_retry else 0.0
         if at - lead - time.monotonic() > 0:
             await asyncio.sleep(at - lead - time.monotonic())
         if stopping is not None and stopping.is_set():
@@ -462,7 +487,9 @@ async def send_all(
         if at - time.monotonic() > 0:
             await asyncio.sleep(at - time.monotonic())
         if slack is not None and time.monotonic() > at + slack:
-            return MISSED_SLOT  # the store was slow to record the start: nothing left, so it is handed back
+            if starts is not None:  # the store was slow to record the start: nothing left, say so first
+                await starts.unstart(m.id)
+            return MISSED_SLOT
         return await adapter.send(client, outbound(m))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)

@@ -2,8 +2,9 @@
 
 Real `dispatcher worker` processes, the sandbox in a process of its own (it counts what
 arrives), the store (SQLite) and Redis; the beat runs as a thread in the test calling the real
-tick. Two accounts: `slow` (eMsgNow answering after 2 s: no way to ask it about a lost
-request) and `limited` (eSMS Africa at 20/s, whose Idempotency-Key makes a resend harmless).
+tick. Three accounts: `slow` (eMsgNow answering after 2 s: no way to ask it about a lost
+request), `paced` (the same eMsgNow, rate-limited to 10/s) and `limited` (eSMS Africa at 20/s,
+whose Idempotency-Key makes a resend harmless).
 
 Each round sends a batch, kills a worker at one moment and starts a replacement:
   before the claim | while claims wait for rate-limit slots | with requests in flight |
@@ -45,6 +46,13 @@ base_url = "{esms}"
 api_key = "{esms_key}"
 sender_id = "eSMSAfrica"
 rate_limit = "20/s"
+
+[providers.paced]
+kind = "emsgnow"
+base_url = "{emsgnow_fast}"
+api_key = "{emsgnow_key}"
+from = "ACME"
+rate_limit = "10/s"
 """
 ROUNDS = 5  # x 4 moments = 20 kills
 
@@ -75,7 +83,8 @@ def killing_field(dispatcher_env, broker_down, redis_prefix, monkeypatch):
     with SandboxProcess() as provider:
         provider.configure("esms_africa", rate_limit=100000)
         provider.set_faults("emsgnow", latency_ms=2000)
-        extra = ACCOUNTS.format(emsgnow=provider.base_url("emsgnow"), emsgnow_key=provider.credentials("emsgnow")["api_key"],
+        extra = ACCOUNTS.format(emsgnow=provider.base_url("emsgnow"), emsgnow_fast=provider.base_url("emsgnow"),
+                                emsgnow_key=provider.credentials("emsgnow")["api_key"],
                                 esms=provider.base_url("esms_africa"),
                                 esms_key=provider.credentials("esms_africa")["api_key"])
         monkeypatch.setenv("DISPATCHER_CONFIG", write_config(dispatcher_env / "kills.toml", provider, extra=extra))
@@ -113,10 +122,11 @@ def test_workers_killed_at_any_moment_never_send_twice_and_lose_nothing(killing_
         ids = _send("limited", 10, f"r{r} before-claim")
         workers.enqueue(ids)
         rounds.append((ids, _kill_one(workers)))
-        # 2. while claims wait for rate-limit slots: 60 at 20/s is three seconds of slots
-        ids = _send("limited", 60, f"r{r} waiting-slot")
+        # 2. while claims wait for rate-limit slots: 30 at 10/s is three seconds of slots, and
+        #    eMsgNow cannot be asked: a claim taken for started would end `unknown`
+        ids = _send("paced", 30, f"r{r} waiting-slot")
         workers.enqueue(ids)
-        wait_for(lambda: _arrived(provider, "esms_africa", {f"r{r} waiting-slot {i}" for i in range(60)}) >= 5, 30)
+        wait_for(lambda: _arrived(provider, "emsgnow", {f"r{r} waiting-slot {i}" for i in range(30)}) >= 5, 30)
         rounds.append((ids, _kill_one(workers)))
         # 3. with requests in flight: the slow provider holds them for two seconds
         ids = _send("slow", 20, f"r{r} in-flight")
@@ -146,7 +156,7 @@ def test_workers_killed_at_any_moment_never_send_twice_and_lose_nothing(killing_
     sms = _sms_by_text(provider)  # SMS the providers created, by message text
     assert [t for t, n in sms.items() if n > 1] == [], "an SMS exists twice at the provider"
     # eMsgNow has no idempotency key: its messages were never even posted twice
-    assert [mid for mid in all_ids if accounts[mid] == "slow" and posts[texts[mid]] > 1] == []
+    assert [mid for mid in all_ids if accounts[mid] != "limited" and posts[texts[mid]] > 1] == []
     for mid, status in statuses.items():
         if status == "accepted":
             assert sms[texts[mid]] == 1  # accepted: exactly one SMS

@@ -139,6 +139,19 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
     return {row[0] for row in session.execute(stmt)}
 
 
+def unmark_started(session: Session, ids: Sequence[str], token: str) -> set[str]:
+    """Take back a recorded start whose request was not written after all (compare-and-set)."""
+    if not ids:
+        return set()
+    stmt = (
+        update(M)
+        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
+        .values(started_at=None)
+        .returning(M.c.id)
+    )
+    return {row[0] for row in session.execute(stmt)}
+
+
 def hand_back(session: Session, ids: Sequence[str], token: str | None, now: datetime,
               due_at: datetime | None, status: str = QUEUED) -> list[str]:
     """Give back claims whose request never started (`sending -> queued`, or `scheduled` for a
