@@ -548,7 +548,11 @@ def _not_sent(exc: BaseException) -> bool:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    return any(isinstance(e, (httpx.TimeoutException, TimeoutError)) for e in _chain(exc))
+    chain = _chain(exc)
+    below = [e for e in chain if isinstance(e, aiohttp.ClientError)]
+    if below:  # httpx-aiohttp calls a closed connection a ConnectTimeout: only aiohttp's own class tells
+        return any(isinstance(e, TimeoutError) for e in below)  # ServerTimeoutError and its kinds
+    return any(isinstance(e, (httpx.TimeoutException, TimeoutError)) for e in chain)
 
 
 def _brief(exc: BaseException) -> str:

@@ -187,9 +187,14 @@ class EmnifyAuth(httpx.Auth):
         self._application_token = application_token
         self.slot = slot or token_slot(base_url, application_token)
 
-    def authenticate_request(self) -> httpx.Request:
+    def authenticate_request(self, sending: httpx.Request | None = None) -> httpx.Request:
+        """The token exchange, with the timeouts of the request it is made for: httpx gives its
+        client's timeouts only to the request passed to `send()`, not to one an Auth flow yields,
+        so without them a hanging authenticate call would wait for ever (holding the lock that
+        every other send of the account waits on)."""
         body = json.dumps({"application_token": self._application_token}).encode()
-        return httpx.Request("POST", self._base_url + AUTH_PATH, content=body,
+        extensions = {"timeout": sending.extensions["timeout"]} if sending and "timeout" in sending.extensions else {}
+        return httpx.Request("POST", self._base_url + AUTH_PATH, content=body, extensions=extensions,
                              headers={"content-type": "application/json", "accept": "application/json"})
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -200,7 +205,7 @@ class EmnifyAuth(httpx.Auth):
                 token = self._usable_token(stale, failures_seen)
                 if token is None:
                     try:
-                        answer = yield self.authenticate_request()
+                        answer = yield self.authenticate_request(request)
                     except BaseException:
                         self.slot.fail(_UNREACHABLE)
                         raise
@@ -221,7 +226,7 @@ class EmnifyAuth(httpx.Auth):
                 token = self._usable_token(stale, failures_seen)
                 if token is None:
                     try:
-                        answer = yield self.authenticate_request()
+                        answer = yield self.authenticate_request(request)
                     except BaseException:
                         self.slot.fail(_UNREACHABLE)
                         raise

@@ -105,6 +105,7 @@ class RecordedRequest:
     status: int | None = None
     response_json: Any = None
     answered_at: float | None = None
+    peer: str = ""  # the client's address and port: requests on one kept-alive connection share it
     fault: str | None = None  # the fault that shaped the answer: "down", "fail", "drop", "reset", "html",
     #                           "malformed", "hang", "lose", "reset_processed", "drip"; None for none
 
@@ -182,8 +183,10 @@ class Sandbox:
     def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any,
                now: float) -> RecordedRequest:
         self.seq += 1
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         entry = RecordedRequest(self.seq, kind, request.method, path, dict(request.query),
-                                CIMultiDict(request.headers), raw, parsed, now)
+                                CIMultiDict(request.headers), raw, parsed, now,
+                                peer=f"{peername[0]}:{peername[1]}" if peername else "")
         self.log.append(entry)
         if len(self.log) > _MAX_LOG:
             del self.log[: _MAX_LOG // 10]
