@@ -262,6 +262,8 @@ def _read_time(value: Any, now: float) -> float | None:
     except ValueError:
         number = None
     if number is not None:
+        if not math.isfinite(number):
+            return None
         if number >= 1e12:
             return number / 1000.0
         if number >= 1e9:

@@ -371,6 +371,7 @@ async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: 
         raise _Dropped(reset=reset_after)
     if malformed or drip:
         entry.fault, entry.response_json = ("malformed" if malformed else "drip"), _response_json(response)
+        entry.status = response.status  # the twin's answer, whether the drip reaches its end or not
         if malformed:
             return _cut(response)
         return await _drip(request, response, faults.drip_ms / 1000.0)
