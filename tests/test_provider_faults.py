@@ -256,6 +256,13 @@ def test_errors_without_aiohttp_underneath(error, code, ambiguous):
     assert (outcome.code, outcome.ambiguous) == (code, ambiguous)
 
 
+def adapter_for_account(kind: str):
+    cls = adapter_class(kind)
+    account = ProviderAccount(name="x", kind=kind, base_url="https://provider.example", fields={"api_key": "k"},
+                              secret_fields=cls.secret_fields())
+    return cls(account)
+
+
 def test_an_error_the_transport_lets_through_unmapped_still_becomes_a_retry():
     def handler(request: httpx.Request) -> httpx.Response:
         raise aiohttp.UploadAbortedError("The request body was not fully sent")
@@ -268,10 +275,3 @@ def test_an_error_the_transport_lets_through_unmapped_still_becomes_a_retry():
 
     outcome = asyncio.run(go()).outcome
     assert (type(outcome), outcome.code, outcome.ambiguous) == (RetryLater, "network_error", True)
-
-
-def adapter_for_account(kind: str):
-    cls = adapter_class(kind)
-    account = ProviderAccount(name="x", kind=kind, base_url="https://provider.example", fields={"api_key": "k"},
-                              secret_fields=cls.secret_fields())
-    return cls(account)
