@@ -35,6 +35,7 @@ from typing import Callable
 
 from . import liveness, runtime, transport
 from .config import Settings
+from .providers.base import ABSENT, FOUND, LookupResult
 from .store import queries
 from .store.db import session_scope
 from .store.models import ACCEPTED, QUEUED, SENDING, UNKNOWN, Message
@@ -96,20 +97,20 @@ def _settle_claims(claims: list[Message], s: Settings, now: datetime, enqueue: E
                    reason: str) -> None:
     unstarted = [m for m in claims if m.started_at is None]
     started = [m for m in claims if m.started_at is not None]
-    lookups = {m.id: _look_up(m) for m in started if _can_look_up(m)}
+    lookups = {m.id: _look_up(m, s, now) for m in started if _can_look_up(m)}
     with session_scope(s.database_url) as db:
         for m in unstarted:
             if queries.hand_back(db, [m.id], m.claim_token, now, now):
                 done.resent.append(m.id)
         for m in started:
             verdict = lookups.get(m.id)
-            if verdict is not None and verdict.found:
-                _move(db, m, now, "found", {"status": ACCEPTED, "provider_ref": verdict.provider_ref,
-                                              "provider_status": verdict.provider_status, "accepted_at": now,
-                                              "due_at": now if _has_status(m) else None,
-                                              "error_code": None, "error": None}, done.found)
-            elif (verdict is not None and verdict.absent) or _resend_is_harmless(m):
-                how = "not at the provider" if verdict is not None else "resent with the same attempt key"
+            if verdict is not None and verdict.state == FOUND and verdict.accepted is not None:
+                _move(db, m, now, "found at the provider", {
+                    "status": ACCEPTED, "provider_ref": verdict.accepted.provider_ref,
+                    "provider_status": verdict.accepted.provider_status, "accepted_at": now,
+                    "due_at": now if _has_status(m) else None, "error_code": None, "error": None}, done.found)
+            elif (verdict is not None and verdict.state == ABSENT) or _resend_is_harmless(m):
+                how = "not at the provider: sent again" if verdict is not None else "resent with the same attempt key"
                 _move(db, m, now, how, {"status": QUEUED, "due_at": now, "enqueued_at": now,
                                          "error_code": "worker_lost", "error": f"{reason}; {how}"}, done.same_key)
             elif verdict is not None and not _lookup_given_up(m, now, s):
@@ -141,14 +142,6 @@ def _move(db, m: Message, now: datetime, how: str, values: dict, into: list[str]
         into.append(m.id)
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    found: bool = False
-    absent: bool = False
-    provider_ref: str | None = None
-    provider_status: str | None = None
-
-
 def _adapter(m: Message):  # type: ignore[no-untyped-def]
     try:
         return runtime.adapter_for(m.provider)
@@ -169,25 +162,23 @@ def _has_status(m: Message) -> bool:
 
 def _can_look_up(m: Message) -> bool:
     adapter = _adapter(m)
-    return adapter is not None and not adapter.idempotent_retry and getattr(adapter, "can_look_up", False)
+    return adapter is not None and not adapter.idempotent_retry and adapter.has_lookup
 
 
-def _look_up(m: Message) -> _Verdict | None:
-    """Ask the provider whether a dead worker's request arrived; None when it cannot tell."""
+def _look_up(m: Message, s: Settings, now: datetime) -> LookupResult:
+    """Ask the provider whether a dead worker's request arrived. Not before the request's own
+    timeout has passed since it started (until then "absent" may only mean "not yet")."""
     from .dispatch import outbound
 
     adapter = runtime.adapter_for(m.provider)
-    since = m.claimed_at or m.started_at
+    since = m.started_at or m.claimed_at or now
+    if (now - since).total_seconds() < float(adapter.account.timeout) + 1.0:
+        return LookupResult.cannot_tell("the request may still be in flight")
     try:
-        result = transport.run(lambda: adapter.lookup(transport.process_loop().client(), outbound(m), since))
+        return transport.run(lambda: adapter.lookup(transport.process_loop().client(), outbound(m), since))
     except Exception as exc:  # noqa: BLE001 - asked again next tick, until LOOKUP_PATIENCE
         log.warning("message %s: looking it up at %s failed (%s)", m.id, m.provider, type(exc).__name__)
-        return _Verdict()
-    if result.found:
-        return _Verdict(found=True, provider_ref=result.provider_ref, provider_status=result.provider_status)
-    if result.absent:
-        return _Verdict(absent=True)
-    return _Verdict()
+        return LookupResult.cannot_tell(f"the lookup failed ({type(exc).__name__})")
 
 
 def _lookup_given_up(m: Message, now: datetime, s: Settings) -> bool:

@@ -27,11 +27,12 @@ from httpx_aiohttp import AiohttpTransport
 T = TypeVar("T")
 
 
-def make_client(in_flight: int = 256, timeout: float = 10.0) -> httpx.AsyncClient:
+def make_client(in_flight: int = 256, timeout: float = 60.0) -> httpx.AsyncClient:
     """An AsyncClient over aiohttp with room for `in_flight` connections to each of many providers.
 
-    The pool is deliberately wide: the per-account cap (LoopThread.take) is what bounds work, so
+    The pool is deliberately wide: the per-account cap (LoopThread.room) is what bounds work, so
     that one slow provider holding its connections never starves another of a connection.
+    `timeout` caps every request; a send uses its account's own `timeout` below that cap.
     """
     limits = httpx.Limits(max_connections=in_flight * 16, max_keepalive_connections=in_flight * 2)
     return httpx.AsyncClient(

@@ -96,6 +96,35 @@ def test_a_started_esimfly_claim_is_resent_with_its_key_and_the_duplicate_proves
     assert answers == [200, 409]  # one SMS; the resend was refused as DUPLICATE_REQUEST
 
 
+@pytest.mark.parametrize("arrived", [True, False], ids=["arrived", "never-arrived"])
+def test_a_started_emnify_claim_is_settled_by_the_endpoints_sms_list(dispatcher_env, sandbox, broker_down, tmp_path,
+                                                                    monkeypatch, arrived):
+    from dispatcher import transport
+    from dispatcher.dispatch import outbound
+
+    _add_account(tmp_path, monkeypatch, sandbox, "emnify", source_address="12345")
+    msg = dispatcher.send("fly", "4711", "lost answer, endpoint list knows")
+    _claim_as("ghost-4", [msg.id], started=True)
+    if arrived:  # the dead worker's request reached emnify; its answer was lost with the worker
+        result = transport.run(lambda: runtime.adapter_for("fly").send(transport.process_loop().client(),
+                                                                      outbound(_row(msg.id))))
+        assert type(result.outcome).__name__ == "Accepted"
+    after_timeout = utcnow() + timedelta(seconds=runtime.settings().providers["fly"].timeout + 2)
+    sent = Enqueued()
+    report = tick(clock=lambda: after_timeout, enqueue=sent)
+    sms = [r for r in sandbox.requests("emnify") if r.method == "POST" and r.path.endswith("/sms")]
+    if arrived:
+        assert report.reaped_found == 1 and sent == []
+        after = dispatcher.get(msg.id)
+        assert after.status == "accepted" and after.provider_ref  # found, with the provider's id
+        assert len(sms) == 1
+    else:
+        assert report.reaped_retry == 1 and sent == [msg.id]  # provably absent: sent after all
+        _due_now(msg.id)
+        assert dispatch_batch([msg.id]).statuses == {msg.id: "accepted"}
+        assert len([r for r in sandbox.requests("emnify") if r.method == "POST" and r.path.endswith("/sms")]) == 1
+
+
 def test_a_late_result_never_lands_on_a_later_claim(dispatcher_env, broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "reaped, then claimed again")
     now = utcnow()
@@ -253,11 +282,12 @@ def _with_timeout(seconds: float) -> None:
     runtime.configure(dataclasses.replace(s, providers={**s.providers, "alerts": acct}))
 
 
-def _add_account(tmp_path, monkeypatch, sandbox, kind: str) -> None:
+def _add_account(tmp_path, monkeypatch, sandbox, kind: str, **fields) -> None:
+    """An account named `fly` of `kind` on the sandbox, beside the usual ones."""
     from tests.conftest import write_config
 
-    creds = sandbox.credentials(kind)
+    values = {**sandbox.credentials(kind), **fields}
     extra = "\n[providers.fly]\n" + f'kind = "{kind}"\nbase_url = "{sandbox.base_url(kind)}"\n' + "".join(
-        f'{k} = "{v}"\n' for k, v in creds.items())
+        f'{k} = "{v}"\n' for k, v in values.items())
     monkeypatch.setenv("DISPATCHER_CONFIG", write_config(tmp_path / "with-fly.toml", sandbox, extra))
     runtime.configure(None)

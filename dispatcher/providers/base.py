@@ -384,6 +384,7 @@ class Adapter:
     has_status: ClassVar[bool] = False  # a delivery status endpoint exists
     status_batch_max: ClassVar[int] = 0  # ids one status-check request may ask about (0: no such form)
     idempotent_retry: ClassVar[bool] = False  # a reused attempt_key makes a resend harmless
+    has_lookup: ClassVar[bool] = False  # `lookup` can find a message whose answer was lost
     has_webhooks: ClassVar[bool] = False  # `dispatcher webhooks` takes its delivery reports (key WEBHOOK_SECRET_KEY)
     # Why `lookup` cannot tell, for kinds that keep the default (said in the log and the message's error).
     no_lookup_reason: ClassVar[str] = "offers no way to ask whether a message arrived"
@@ -435,9 +436,13 @@ class Adapter:
     def auth(self) -> httpx.Auth | None:
         return None
 
-    def timeouts(self) -> dict[str, float]:
-        """The account's `timeout` as a request extension (a Request built by hand carries none)."""
+    def timeouts(self, client: httpx.AsyncClient | None = None) -> dict[str, float]:
+        """The account's `timeout` as a request extension (a Request built by hand carries none),
+        never longer than the client's own (transport.make_client caps every request)."""
         t = float(self.account.timeout)
+        cap = client.timeout.read if client is not None else None
+        if cap is not None:
+            t = min(t, cap)
         return httpx.Timeout(t, connect=min(t, 5.0)).as_dict()
 
     def url(self, path: str) -> str:
@@ -455,7 +460,7 @@ class Adapter:
     async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
         """Build, sign, post and judge one message. Network errors become RetryLater here."""
         request = self.build_request(msg)
-        request.extensions.setdefault("timeout", self.timeouts())
+        request.extensions.setdefault("timeout", self.timeouts(client))
         started = time.perf_counter()
         try:
             response = await client.send(request, auth=self.auth() or httpx.USE_CLIENT_DEFAULT)

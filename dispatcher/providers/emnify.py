@@ -384,6 +384,7 @@ class EmnifyAdapter(Adapter):
     max_length = 153 * MAX_PARTS  # 1530 GSM-7 characters; UCS-2 is bounded by MAX_PARTS instead
     default_rate_limit = "2000/5m"
     has_status = True
+    has_lookup = True  # the endpoint's SMS list shows whether a lost request arrived
     has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
