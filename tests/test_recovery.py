@@ -103,13 +103,13 @@ def test_a_started_emnify_claim_is_settled_by_the_endpoints_sms_list(dispatcher_
     from dispatcher.dispatch import outbound
 
     _add_account(tmp_path, monkeypatch, sandbox, "emnify", source_address="12345")
-    msg = dispatcher.send("fly", "4711", "lost answer, endpoint list knows")
+    msg = dispatcher.send("iot", "4711", "lost answer, endpoint list knows")
     _claim_as("ghost-4", [msg.id], started=True)
     if arrived:  # the dead worker's request reached emnify; its answer was lost with the worker
-        result = transport.run(lambda: runtime.adapter_for("fly").send(transport.process_loop().client(),
+        result = transport.run(lambda: runtime.adapter_for("iot").send(transport.process_loop().client(),
                                                                       outbound(_row(msg.id))))
         assert type(result.outcome).__name__ == "Accepted"
-    after_timeout = utcnow() + timedelta(seconds=runtime.settings().providers["fly"].timeout + 2)
+    after_timeout = utcnow() + timedelta(seconds=runtime.settings().providers["iot"].timeout + 2)
     sent = Enqueued()
     report = tick(clock=lambda: after_timeout, enqueue=sent)
     sms = [r for r in sandbox.requests("emnify") if r.method == "POST" and r.path.endswith("/sms")]
@@ -282,12 +282,15 @@ def _with_timeout(seconds: float) -> None:
     runtime.configure(dataclasses.replace(s, providers={**s.providers, "alerts": acct}))
 
 
+ACCOUNT = {"esimfly": "fly", "emnify": "iot"}  # one name per kind: rate-limit state is kept per name
+
+
 def _add_account(tmp_path, monkeypatch, sandbox, kind: str, **fields) -> None:
-    """An account named `fly` of `kind` on the sandbox, beside the usual ones."""
+    """An account of `kind` on the sandbox (named as ACCOUNT says), beside the usual ones."""
     from tests.conftest import write_config
 
     values = {**sandbox.credentials(kind), **fields}
-    extra = "\n[providers.fly]\n" + f'kind = "{kind}"\nbase_url = "{sandbox.base_url(kind)}"\n' + "".join(
+    extra = f"\n[providers.{ACCOUNT[kind]}]\n" + f'kind = "{kind}"\nbase_url = "{sandbox.base_url(kind)}"\n' + "".join(
         f'{k} = "{v}"\n' for k, v in values.items())
     monkeypatch.setenv("DISPATCHER_CONFIG", write_config(tmp_path / "with-fly.toml", sandbox, extra))
     runtime.configure(None)
