@@ -113,6 +113,7 @@ def _kill_one(workers: WorkerProcesses) -> float:
     return time.time()
 
 
+@pytest.mark.timeout(400)
 def test_workers_killed_at_any_moment_never_send_twice_and_lose_nothing(killing_field):
     provider, workers = killing_field
     url = runtime.settings().database_url
