@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import Callable
@@ -45,6 +46,7 @@ class Heartbeat:
     def __init__(self, every: float, clock: Callable[[], datetime] = utcnow) -> None:
         self.every, self.clock = every, clock
         self.urls: set[str] = set()
+        self.last_ok: dict[str, float] = {}  # url -> time.monotonic() of the last heartbeat written
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dispatcher-heartbeat", daemon=True)
         self._thread.start()
@@ -53,6 +55,7 @@ class Heartbeat:
         """Register in the store at `url` now (before any claim there), then keep beating."""
         if url not in self.urls:
             beat(url, self.clock())
+            self.last_ok[url] = time.monotonic()
             self.urls.add(url)
 
     def _run(self) -> None:
@@ -60,6 +63,7 @@ class Heartbeat:
             for url in list(self.urls):
                 try:
                     beat(url, self.clock())
+                    self.last_ok[url] = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - the store may be away; beat again next time
                     log.warning("heartbeat of %s not written (%s: %s)", worker_id(), type(exc).__name__, exc)
 
@@ -90,6 +94,16 @@ def ensure_alive(url: str, every: float) -> None:
         if hb is None:
             hb = _beats[pid] = Heartbeat(every)
     hb.add(url)
+
+
+def own_heartbeat_stale(url: str, max_age: float) -> bool:
+    """True when this process beats into `url` but has not managed to for `max_age` seconds:
+    the store was away from it too, so other workers' silence proves nothing yet."""
+    with _lock:
+        hb = _beats.get(os.getpid())
+    if hb is None or url not in hb.urls:
+        return False
+    return time.monotonic() - hb.last_ok.get(url, 0.0) > max_age
 
 
 def retire() -> None:

@@ -4,7 +4,8 @@ The beat tick (schedule.py) runs these; each is safe to run from several beats a
 (every move is a compare-and-set on the message's claim).
 
 * `recover_dead_workers`: a worker whose heartbeat stopped (liveness.py) holds `sending`
-  claims. Per claim, from the attempt record:
+  claims. (Not while this process's own heartbeat is failing: then the store was away, and
+  every worker's silence says nothing until heartbeats have had time to resume.) Per claim, from the attempt record:
     - its request never started (`started_at` NULL)  -> `queued` again, no attempt counted;
       it is sent as if nothing happened;
     - its request may have started, kind with a harmless resend (esimfly's RT-RequestID,
@@ -60,6 +61,10 @@ class Recovered:
 def recover_dead_workers(s: Settings, now: datetime, enqueue: Enqueue) -> Recovered:
     """Settle every claim of every dead worker, then publish again what it may have held."""
     done = Recovered()
+    if liveness.own_heartbeat_stale(s.database_url, 2 * s.heartbeat_seconds + 1.0):
+        log.warning("this process could not write its own heartbeat lately (the store was away?): no worker is "
+                    "taken for dead until heartbeats have had time to resume")
+        return done
     with session_scope(s.database_url) as db:
         dead = liveness.dead_workers(db, now, s.worker_timeout)
     for worker in dead:
