@@ -237,7 +237,7 @@ def build_row(
         kind=adapter.kind,
         to=to,
         text=text,
-        options=adapter.merged_options(opts),
+        options={k: v for k, v in opts.items() if v is not None},  # the account's defaults join at send time
         status=SCHEDULED if held else QUEUED,
         segments=adapter.count_segments(text),
         idempotency_key=idempotency_key,
