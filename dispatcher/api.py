@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
-from . import runtime
+from . import runtime, storable
 from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
 from .store import queries
 from .store.db import ensure_schema, session_scope
@@ -211,6 +211,8 @@ def build_row(
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
     adapter = runtime.adapter_for(provider)
+    if options is not None and not isinstance(options, Mapping):
+        raise ValidationError("options", "must be a mapping of option names to values")
     opts = {_OPTION_ALIASES.get(k, k): v for k, v in (options or {}).items()}
     if scheduled_at is not None:
         if not_before is not None:
@@ -225,6 +227,7 @@ def build_row(
         raise InvalidTime("not_after", "is already in the past")
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 200):
         raise ValidationError("idempotency_key", "must be a string of 1 to 200 characters")
+    _check_storable(to, text, idempotency_key, opts)
     if not to and (opts.get("esim_id") or opts.get("iccid")):
         to = str(opts.get("esim_id") or opts.get("iccid"))  # addressed by the option instead
     if not isinstance(to, str) or not to.strip():
@@ -248,6 +251,17 @@ def build_row(
         created_at=now,
         updated_at=now,
     )
+
+
+def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[Any, Any]) -> None:
+    """Refuse what no database stores exactly (a NUL, a lone surrogate, a non-JSON option value)."""
+    storable.check_text("to", to)
+    storable.check_text("text", text)
+    storable.check_text("idempotency_key", idempotency_key)
+    for name, value in options.items():
+        if not isinstance(name, str) or not name.isprintable() or not name:
+            raise ValidationError("options", f"an option name must be printable text, got {name!r}")
+        storable.check_option(name, value)
 
 
 def _aware(name: str, value: datetime | None) -> datetime | None:

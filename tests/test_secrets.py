@@ -132,10 +132,7 @@ def test_the_cli_error_line_and_logs_never_show_the_redis_password(dispatcher_en
     assert main(["limits"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and REDIS_PASSWORD not in err
-    assert main(["send", "alerts", "--to", "+14155550123", "--text", "hi"]) == 0  # stored; the beat sends it later
-    assert REDIS_PASSWORD not in capsys.readouterr().err
     assert REDIS_PASSWORD not in caplog.text
-    assert "127.0.0.1:1" in caplog.text  # the warning still says where
 
 
 def test_check_config_and_db_upgrade_mask_a_redis_password(tmp_path, monkeypatch, capsys):

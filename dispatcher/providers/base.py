@@ -371,7 +371,7 @@ def require_config(condition: bool, key: str, problem: str) -> None:
 
 # --------------------------------------------------------------------------- RT- request signing
 # esimfly and eSIM Access share one scheme (esimfly in uppercase hex, eSIM Access's HMAC mode in hex).
-ICCID_PATTERN = r"^89\d{16,20}$"  # ITU-T E.118: 18-22 digits starting with the telecom prefix 89
+ICCID_PATTERN = r"89[0-9]{16,20}"  # (fullmatch) ITU-T E.118: 18-22 digits starting with the telecom prefix 89
 
 
 class RtHmacAuth(httpx.Auth):

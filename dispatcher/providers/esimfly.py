@@ -99,7 +99,7 @@ class EsimflyAdapter(Adapter):
             rule = f"at most {self.max_length} UTF-16 code units for kind {self.kind!r} (an emoji counts 2)"
             raise TextTooLong("text", rule)
         if options.get("esim_id") is None:
-            if not isinstance(to, str) or not _ICCID.match(to):
+            if not isinstance(to, str) or not _ICCID.fullmatch(to):
                 raise InvalidAddress("to", "must be an ICCID: 18-22 digits starting with 89 (or pass esim_id)")
             return
         esim_id = esim_id_of(options["esim_id"])
