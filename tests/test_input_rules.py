@@ -110,3 +110,21 @@ def test_an_address_must_be_the_whole_string(kinds_env, account, to, options, fi
 def test_the_valid_address_of_each_kind_is_still_taken(kinds_env, account):
     msg = dispatcher.send(account, VALID_TO[account][1], "hi")
     assert dispatcher.get(msg.id).to == VALID_TO[account][1]
+
+
+@pytest.mark.parametrize(
+    "items, field, error",
+    [
+        ([{"provider": "nobody", "to": "+14155550123", "text": "hi"}], "messages[0].provider", dispatcher.UnknownProvider),
+        ([{"provider": "alerts", "to": "+14155550123", "text": "hi"}, "not a mapping"], "messages[1]",
+         dispatcher.ValidationError),
+        ([{"provider": "alerts", "to": "+14155550123", "text": "hi", "options": ["from", "x"]}], "messages[0].options",
+         dispatcher.ValidationError),
+        ([{"to": "+14155550123", "text": "hi"}], "messages[0].provider", dispatcher.ValidationError),
+    ],
+)
+def test_send_many_names_the_item_of_any_refusal(kinds_env, items, field, error):
+    with pytest.raises(error) as err:
+        dispatcher.send_many(items)
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+    assert stored() == 0
