@@ -201,7 +201,8 @@ def _cmd_schedule_remove(args: argparse.Namespace) -> int:
 
 def _print_schedule(view) -> None:  # type: ignore[no-untyped-def]
     until = f" until {view.until.isoformat()}" if view.until else ""
-    print(f"{view.name}: '{view.cron}' in {view.tz} via {view.provider} to {view.to}{until}")
+    broken = f"  BROKEN: {view.broken}" if view.broken else ""
+    print(f"{view.name}: '{view.cron}' in {view.tz} via {view.provider} to {view.to}{until}{broken}")
     for occ in view.upcoming:
         print(f"  {occ.local.strftime('%Y-%m-%d %H:%M')} {view.tz}   {occ.at.strftime('%Y-%m-%d %H:%M')} UTC")
 
