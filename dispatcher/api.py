@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
 from . import runtime, storable
-from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
+from .errors import BrokerUnavailable, InvalidAddress, InvalidTime, NotFound, TooLate, ValidationError
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.keyed import insert_keyed
@@ -24,6 +24,7 @@ from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
 _OPTION_ALIASES = {"from_": "from", "sender": "from"}
+MAX_TO = 64  # the store's column
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,8 @@ def build_row(
     if not isinstance(to, str) or not to.strip():
         raise ValidationError("to", "is required")
     adapter.validate(to, text, opts)
+    if len(to) > MAX_TO:  # every kind's own rule is shorter; this is the store's limit, for any kind to come
+        raise InvalidAddress("to", f"at most {MAX_TO} characters")
     held = not_before is not None and not_before > now + timedelta(seconds=1)
     return Row(
         id=new_id(),

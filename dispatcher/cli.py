@@ -309,7 +309,7 @@ def _parse_opt(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise BadInput(f"--opt: expected KEY=VALUE, got {text!r}")
-    if raw[:1] in "{[":
+    if raw[:1] and raw[0] in "{[":
         try:
             return key, json.loads(raw)
         except ValueError:

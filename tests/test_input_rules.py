@@ -97,6 +97,8 @@ def test_the_same_text_without_the_bad_character_is_stored_exactly(kinds_env):
         ("fly", "89480100100367850\u0666\u0660", {}, "to"),
         ("access", "23072017992029\n", {}, "to"),
         ("access", "", {"iccid": "8948010010036785060\n"}, "iccid"),
+        ("fly", "", {"esim_id": "1" * 100}, "esim_id"),  # PostgreSQL's `to` column holds 64 characters
+        ("fly", "", {"esim_id": 10**80}, "esim_id"),
     ],
 )
 def test_an_address_must_be_the_whole_string(kinds_env, account, to, options, field):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -138,7 +139,14 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     Accepts a delta in seconds (small numbers), a Unix timestamp in seconds or milliseconds,
     an ISO 8601 string, or an HTTP date. Returns None when it cannot be read.
     """
-    now = time.time() if now is None else now
+    at = _read_time(value, time.time() if now is None else now)
+    return at if at is not None and 0.0 <= at <= LATEST_EPOCH else None  # a datetime can be made of it
+
+
+LATEST_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def _read_time(value: Any, now: float) -> float | None:
     if value is None or value == "":
         return None
     text = str(value).strip()
@@ -147,6 +155,8 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     except ValueError:
         number = None
     if number is not None:
+        if not math.isfinite(number):
+            return None
         if number >= 1e12:
             return number / 1000.0
         if number >= 1e9:
@@ -157,11 +167,11 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         return dt.timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     try:
         return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
 
 

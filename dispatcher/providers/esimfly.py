@@ -153,14 +153,18 @@ class EsimflyAdapter(Adapter):
 
 
 def esim_id_of(value: Any) -> int | None:
-    """The esim_id option as a positive int (an int, or a string of digits), else None."""
+    """The esim_id option as a positive 64-bit int (an int, or a string of digits), else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0:
+        return value if 0 < value <= ESIM_ID_MAX else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19 \
+            and 0 < int(value) <= ESIM_ID_MAX:
         return int(value)
     return None
+
+
+ESIM_ID_MAX = 2**63 - 1
 
 
 def _request_id(response: httpx.Response) -> str | None:
