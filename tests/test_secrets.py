@@ -159,3 +159,22 @@ def test_an_emnify_report_jwt_without_exp_is_refused():
     assert verify_emnify_jwt(EMNIFY_SECRET, _bearer(exp=int(time.time()) + 300))
     assert why_emnify_jwt_fails(EMNIFY_SECRET, _bearer()) == "the JWT carries no exp claim"
     assert not verify_emnify_jwt(EMNIFY_SECRET, _bearer(iat=int(time.time())))
+
+
+def test_the_broker_unreachable_error_and_its_log_line_star_the_password(dispatcher_env, monkeypatch, caplog):
+    from kombu.exceptions import OperationalError
+
+    from dispatcher import api, queue
+    from dispatcher.celery_app import app
+    from dispatcher.errors import BrokerUnavailable
+
+    def refuse():
+        raise OperationalError(f"Cannot connect to redis://:{REDIS_PASSWORD}@10.0.0.9:6379/0: Connection refused")
+
+    monkeypatch.setattr(app, "producer_or_acquire", refuse)
+    with pytest.raises(BrokerUnavailable) as err:
+        queue.enqueue(["m1"])
+    assert REDIS_PASSWORD not in str(err.value) and "redis://:***@10.0.0.9:6379/0" in str(err.value)
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    api._enqueue_or_leave(["m1"])
+    assert "redis://:***@10.0.0.9" in caplog.text and REDIS_PASSWORD not in caplog.text
