@@ -18,7 +18,7 @@ from . import runtime
 from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
 from .store import queries
 from .store.db import ensure_schema, session_scope
-from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
+from .store.models import ACCEPTED, CANCELLED, FINAL, PENDING, QUEUED, SCHEDULED, SENDING, Message as Row
 from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
@@ -168,7 +168,7 @@ def cancel(message_id: str) -> Message:
         row = queries.get_message(db, message_id)
         if row is None:
             raise NotFound(f"no message with id {message_id!r}")
-        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED], {
+        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED, PENDING], {
             "status": CANCELLED, "finished_at": now, "updated_at": now,
             "error_code": "cancelled", "error": "cancelled before it was sent"})
     if moved or row.status == CANCELLED:
