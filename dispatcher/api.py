@@ -207,6 +207,23 @@ def build_row(
     options: Mapping[str, Any] | None = None,
 ) -> Row:
     """Validate one send and build its row (not yet stored)."""
+    return Row(**row_values(provider, to, text, not_before=not_before, not_after=not_after,
+                            idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
+
+
+def row_values(
+    provider: str,
+    to: str,
+    text: str | None,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """build_row's checks, returning the row's column values as a dict: what a bulk insert
+    takes without building a model object per row (campaigns.py: a quarter of the cost)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
@@ -231,7 +248,7 @@ def build_row(
         raise ValidationError("to", "is required")
     adapter.validate(to, text, opts)
     held = not_before is not None and not_before > now + timedelta(seconds=1)
-    return Row(
+    return dict(
         id=new_id(),
         provider=provider,
         kind=adapter.kind,

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
 
 from . import runtime
-from .api import build_row
+from .api import row_values
 from .csvrows import UnreadableRow
 from .errors import InvalidTime, NotFound, TooLate, ValidationError
 from .redact import mask
@@ -240,7 +240,7 @@ def pause_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) 
             return campaign_status(campaign_id)
         if not cq.set_campaign(db, campaign_id, [RUNNING, LOADING], {"state": PAUSED, "updated_at": now}):
             raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be paused")
-        back = cq.move(db, campaign_id, [QUEUED], {"status": PENDING, "updated_at": now})
+        back = cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))
     log.info("campaign %s paused (%d message(s) taken back from the broker)", campaign_id, back)
     return campaign_status(campaign_id)
 
@@ -255,7 +255,7 @@ def resume_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow)
         state = RUNNING if c.loaded_at is not None else LOADING
         if not cq.set_campaign(db, campaign_id, [PAUSED], {"state": state, "updated_at": now}):
             raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be resumed")
-        cq.move(db, campaign_id, [QUEUED], {"status": PENDING, "updated_at": now})  # strays of the pause
+        cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))  # strays of the pause
     log.info("campaign %s resumed", campaign_id)
     return campaign_status(campaign_id)
 
@@ -348,7 +348,9 @@ class _Invalid(Exception):
 
 
 def _prepare(spec: _Spec, item: Any, line: int, now: datetime) -> dict[str, Any]:
-    """Validate and render one row into a message row (a dict of column values); raises _Invalid."""
+    """Validate and render one row into a message row (a dict of column values); raises _Invalid.
+
+    The checks are send()'s own (api.row_values, the body of api.build_row)."""
     if isinstance(item, UnreadableRow):
         raise _Invalid(item.reason)
     if not isinstance(item, Mapping):
@@ -357,8 +359,8 @@ def _prepare(spec: _Spec, item: Any, line: int, now: datetime) -> dict[str, Any]
     to = to.strip() if isinstance(to, str) else (None if to is None else str(to))
     try:
         text = spec.template.render(item)
-        row = build_row(spec.provider, to or "", text, not_before=spec.not_before, not_after=spec.not_after,
-                        options=spec.options)
+        values = row_values(spec.provider, to or "", text, not_before=spec.not_before, not_after=spec.not_after,
+                            options=spec.options)
     except ValidationError as exc:
         raise _Invalid(f"{spec.to_field}: {exc.rule}" if exc.field == "to" else str(exc)) from None
     due = max(now, spec.not_before) if spec.not_before is not None else now
@@ -372,7 +374,7 @@ def _prepare(spec: _Spec, item: Any, line: int, now: datetime) -> dict[str, Any]
                 raise _Invalid(str(exc)) from None
             zones: tuple[str, ...] | None = (tz,)
         else:
-            zones = zones_for_number(row.to)
+            zones = zones_for_number(values["to"])
             if zones is None:
                 raise _Invalid(f"{spec.to_field}: no time zone is known for this number: give a {TZ_COLUMN} column")
         opens = spec.window.next_open(due, zones)
@@ -380,7 +382,6 @@ def _prepare(spec: _Spec, item: Any, line: int, now: datetime) -> dict[str, Any]
             raise _Invalid(f"{spec.to_field}: the number spans time zones ({', '.join(zones)}) that never share the "
                            f"window {spec.window}: give a {TZ_COLUMN} column")
         due = opens
-    values = {c: getattr(row, c) for c in _COLUMNS}
     values.update(status=PENDING, due_at=due, campaign_line=line, tz=tz)
     return values
 
@@ -400,6 +401,7 @@ class _Loader:
         self.invalid: list[InvalidRow] = []
         self.invalid_count = 0
         self.stopped = False  # cancelled while loading
+        self._defaults: dict[str, Any] | None = None
 
     def load(self, rows: Iterable[Any]) -> None:
         try:
@@ -432,14 +434,22 @@ class _Loader:
                     self.invalid.append(InvalidRow(line, str(exc)))
             else:
                 if not (self.strict and self.invalid_count):  # strict: nothing more is stored after a bad row
-                    values["campaign_id"] = self.id
-                    good.append(values)
+                    good.append(self._complete(values))
             if len(good) + len(bad) >= self.chunk:
                 if not self._store(good, bad):
                     return
                 good, bad = [], []
                 now = self.clock()
         self._store(good, bad)
+
+    def _complete(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every column of the message row: the values given over the model's defaults."""
+        if self._defaults is None:
+            model = MessageRow(**values)
+            self._defaults = {c: getattr(model, c) for c in _COLUMNS}
+        row = dict(self._defaults)
+        row.update(values, campaign_id=self.id)
+        return row
 
     def _store(self, good: list[dict[str, Any]], bad: list[tuple[int, str]]) -> bool:
         """Store one chunk in one transaction; False once the campaign was cancelled meanwhile."""

@@ -52,7 +52,7 @@ from .window import Window, parse_window, zones_for_number
 log = logging.getLogger("dispatcher.feeder")
 FEED_INTERVAL = 0.1  # seconds between rounds, across every process
 LOOKAHEAD_SLOTS = 2  # a round fills the account's slots this far ahead...
-LOOKAHEAD_MIN = 0.25  # ...and at least this many seconds (a fast account needs more than 2 slots of lead)
+LOOKAHEAD_MIN = 0.2  # ...and at least this many seconds (a fast account needs more than 2 slots of lead)
 UNLIMITED_BACKLOG = 500  # queued messages kept in the broker for an account with no limit
 ROUND_LOCK_MS = 5000  # the round lock outlives a round stuck this long
 
@@ -185,7 +185,7 @@ def _settle(s: Settings, c: Any, now: datetime, report: FeedReport) -> bool:
             return False
         if c.state == PAUSED:
             with session_scope(s.database_url) as db:  # a retry that came back to the queue waits with the rest
-                cq.move(db, c.id, [QUEUED], {"status": PENDING, "updated_at": now})
+                cq.move(db, c.id, [QUEUED], cq.back_to_pending(c.created_at, now))
             return False
         return c.state == RUNNING and (c.not_before is None or c.not_before <= now)
     except Exception:  # noqa: BLE001 - one campaign's trouble never stops the others
@@ -230,8 +230,8 @@ def _room(s: Settings, account: str, backlog: int) -> int:
         return max(0, UNLIMITED_BACKLOG - backlog)
     per_second = acct.rate_limit.count / acct.rate_limit.period
     horizon = _lookahead(s, account)
-    next_free = float(d["next_free_in"])
-    slots = 0 if next_free > horizon else 1 + math.floor((horizon - next_free) * per_second)
+    next_free = float(d["next_free_in"])  # the instants before it are reserved already
+    slots = max(0, math.ceil((horizon - next_free) * per_second - 1e-9))  # free instants in [next_free, horizon)
     return max(0, slots - backlog)
 
 

@@ -83,7 +83,8 @@ def add_to_counts(session: Session, campaign_id: str, total: int, invalid: int, 
 
 def active(session: Session) -> list[Any]:
     """Campaigns the feeder looks after: not finished, and past loading (or cancelled during it)."""
-    stmt = select(C.c.id, C.c.provider, C.c.state, C.c.not_before, C.c.not_after, C.c.window, C.c.loaded_at).where(
+    stmt = select(C.c.id, C.c.provider, C.c.state, C.c.not_before, C.c.not_after, C.c.window, C.c.loaded_at,
+                  C.c.created_at).where(
         C.c.finished_at.is_(None), C.c.state.in_(["running", "paused", "cancelled"])
     ).order_by(C.c.created_at, C.c.id)
     return list(session.execute(stmt))
@@ -138,6 +139,12 @@ def move(session: Session, campaign_id: str, from_statuses: Sequence[str], value
         return session.execute(update(M).where(*cond).values(**values)).rowcount
     ids = select(M.c.id).where(*cond).limit(chunk).scalar_subquery()
     return session.execute(update(M).where(M.c.id.in_(ids), M.c.status.in_(list(from_statuses))).values(**values)).rowcount
+
+
+def back_to_pending(created_at: datetime, now: datetime) -> dict[str, Any]:
+    """The values that put a released message back to wait (pause): due since the campaign began,
+    so it goes first again, in file order, when the campaign resumes (its window is checked then)."""
+    return {"status": PENDING, "due_at": created_at, "updated_at": now}
 
 
 def has_any(session: Session, campaign_id: str, statuses: Sequence[str]) -> bool:
