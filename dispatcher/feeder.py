@@ -55,6 +55,7 @@ LOOKAHEAD_SLOTS = 2  # a round fills the account's slots this far ahead...
 LOOKAHEAD_MIN = 0.2  # ...and at least this many seconds (a fast account needs more than 2 slots of lead)
 UNLIMITED_BACKLOG = 500  # queued messages kept in the broker for an account with no limit
 ROUND_LOCK_MS = 5000  # the round lock outlives a round stuck this long
+_warned: set[str] = set()  # accounts missing from the config, already logged
 
 
 @dataclass
@@ -221,7 +222,9 @@ def _room(s: Settings, account: str, backlog: int) -> int:
     """How many more of the account's messages the broker should hold now."""
     acct = s.providers.get(account)
     if acct is None:
-        log.warning("campaign feeder: account %s is not configured; its campaigns wait", account)
+        if account not in _warned:  # once per process: the feeder asks ten times a second
+            _warned.add(account)
+            log.warning("campaign feeder: account %s is not configured; its campaigns wait", account)
         return 0
     d = runtime.limiter().describe(account, acct.rate_limit)
     if d["paused_until"]:
