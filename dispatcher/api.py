@@ -263,6 +263,7 @@ def row_values(
         due_at=not_before if held else now,
         attempt_key=str(uuid.uuid4()),
         created_at=now,
+        enqueued_at=now,
         updated_at=now,
     )
 
