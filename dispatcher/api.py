@@ -19,7 +19,7 @@ from .errors import BrokerUnavailable, InvalidAddress, InvalidTime, NotFound, To
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.keyed import insert_keyed
-from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
+from .store.models import ACCEPTED, CANCELLED, FINAL, PENDING, QUEUED, SCHEDULED, SENDING, Message as Row
 from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
@@ -186,7 +186,7 @@ def cancel(message_id: str) -> Message:
         row = queries.get_message(db, message_id)
         if row is None:
             raise NotFound(f"no message with id {message_id!r}")
-        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED], {
+        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED, PENDING], {
             "status": CANCELLED, "finished_at": now, "updated_at": now,
             "error_code": "cancelled", "error": "cancelled before it was sent"})
     if moved or row.status == CANCELLED:
@@ -225,6 +225,23 @@ def build_row(
     options: Mapping[str, Any] | None = None,
 ) -> Row:
     """Validate one send and build its row (not yet stored)."""
+    return Row(**row_values(provider, to, text, not_before=not_before, not_after=not_after,
+                            idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
+
+
+def row_values(
+    provider: str,
+    to: str,
+    text: str | None,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """build_row's checks, returning the row's column values as a dict: what a bulk insert
+    takes, without building a model object per row (11 µs a row against 76 µs; campaigns.py)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
@@ -254,7 +271,7 @@ def build_row(
     if len(to) > MAX_TO:  # every kind's own rule is shorter; this is the store's limit, for any kind to come
         raise InvalidAddress("to", f"at most {MAX_TO} characters")
     held = not_before is not None and not_before > now + timedelta(seconds=1)
-    return Row(
+    return dict(
         id=new_id(),
         provider=provider,
         kind=adapter.kind,
