@@ -36,6 +36,7 @@ MAX_BATCH_KEY = 190  # a batch's key gets "#<index>" per message; stored keys ho
 CHECKER = web.AppKey("checker", KeyChecker)
 COMMITS = web.AppKey("commits", GroupCommit)
 ROUTE = web.AppKey("route_of", dict)
+API_KEY = web.RequestKey("api_key", KeyInfo)
 
 
 class Refusal(Exception):
@@ -58,7 +59,7 @@ class Reply:
 
 # --------------------------------------------------------------------------- reading requests
 def key_of(request: web.Request) -> KeyInfo:
-    return request["api_key"]
+    return request[API_KEY]
 
 
 def allow(key: KeyInfo, account: str, field: str) -> None:
@@ -246,7 +247,7 @@ def _guard(checker: KeyChecker) -> Any:
         try:
             route = request.app[ROUTE].get(request.match_info.route.resource)
             if route is not None and not route.public:
-                request["api_key"] = await _authenticate(checker, request)
+                request[API_KEY] = await _authenticate(checker, request)
             return await handler(request)
         except Refusal as refusal:
             return refusal_response(refusal)
