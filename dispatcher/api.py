@@ -18,7 +18,7 @@ from . import runtime
 from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
 from .store import queries
 from .store.db import ensure_schema, session_scope
-from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
+from .store.models import ACCEPTED, CANCELLED, FINAL, PENDING, QUEUED, SCHEDULED, SENDING, Message as Row
 from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
@@ -139,20 +139,21 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
         text = item.pop("text", None)
         opts.update(item)
         try:
-            rows.append(build_values(provider, to, text, options=opts, **args))
+            rows.append(row_values(provider, to, text, options=opts, **args))
         except ValidationError as exc:
             raise type(exc)(f"messages[{index}].{exc.field}", exc.rule) from None
     return store_many(rows)
 
 
 def store_many(rows: list[dict[str, Any]]) -> list[str]:
-    """Insert validated rows (build_values) in one transaction and enqueue them in batches.
+    """Insert validated rows (row_values) in one transaction and enqueue them in batches.
 
     Rows whose idempotency key is already stored (or repeated among them) are left out; returns
     the ids of the rows stored.
     """
     if not rows:
         return []
+    rows = [{**_COLUMN_DEFAULTS, **r} for r in rows]  # one bulk insert names every column
     s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
@@ -185,7 +186,7 @@ def cancel(message_id: str) -> Message:
         row = queries.get_message(db, message_id)
         if row is None:
             raise NotFound(f"no message with id {message_id!r}")
-        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED], {
+        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED, PENDING], {
             "status": CANCELLED, "finished_at": now, "updated_at": now,
             "error_code": "cancelled", "error": "cancelled before it was sent"})
     if moved or row.status == CANCELLED:
@@ -224,11 +225,11 @@ def build_row(
     options: Mapping[str, Any] | None = None,
 ) -> Row:
     """Validate one send and build its row (not yet stored)."""
-    return Row(**build_values(provider, to, text, not_before=not_before, not_after=not_after,
-                              idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
+    return Row(**row_values(provider, to, text, not_before=not_before, not_after=not_after,
+                            idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
 
 
-def build_values(
+def row_values(
     provider: str,
     to: str,
     text: str | None,
@@ -239,11 +240,8 @@ def build_values(
     scheduled_at: datetime | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Validate one send and return its row's column values (a mapping for a bulk insert).
-
-    A plain dict costs a fifth of a Row object to build (SQLModel's constructor is most of it),
-    which is most of what a bulk send spends per message.
-    """
+    """build_row's checks, returning the row's column values as a dict: what a bulk insert
+    takes without building a model object per row (campaigns.py: a quarter of the cost)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
@@ -268,8 +266,7 @@ def build_values(
         raise ValidationError("to", "is required")
     adapter.validate(to, text, opts)
     held = not_before is not None and not_before > now + timedelta(seconds=1)
-    values = dict(_COLUMN_DEFAULTS)
-    values.update(
+    return dict(
         id=new_id(),
         provider=provider,
         kind=adapter.kind,

@@ -1,4 +1,4 @@
-"""The `dispatcher` command: send, status, cancel, schedule, limits, worker, beat, check-config, sandbox, webhooks, api, api-key, demo, db.
+"""The `dispatcher` command: send, status, cancel, schedule, campaign, limits, worker, beat, check-config, sandbox, webhooks, api, api-key, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -142,6 +142,10 @@ def _build_parser() -> _Parser:
     dbsub = db.add_subparsers(dest="db_command", parser_class=_Parser)
     up = dbsub.add_parser("upgrade", help="apply every pending migration")
     up.set_defaults(handler=_cmd_db_upgrade)
+
+    from .campaign_cli import add_parser as add_campaign_parser  # `dispatcher campaign ...`
+
+    add_campaign_parser(sub, _Parser)
     return p
 
 

@@ -33,3 +33,8 @@ def rate_log(account: str) -> str:
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"
+
+
+def campaign_feeder_lock() -> str:
+    """Held while one campaign feeder round runs, and FEED_INTERVAL after it began (feeder.py)."""
+    return f"{prefix()}:campaigns:feeder"

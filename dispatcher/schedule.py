@@ -22,6 +22,7 @@ from typing import Callable
 
 from . import runtime
 from .config import Settings
+from .feeder import feed_campaigns
 from .recurring import fire_due
 from .store import queries
 from .store.db import ensure_schema, session_scope
@@ -76,6 +77,7 @@ def tick(
         enqueue(lost, 0.0)
         report.requeued = len(lost)
     _reap(s, now, report, enqueue)
+    feed_campaigns(s, clock, enqueue)  # campaigns' messages, as each account's limit lets them go (feeder.py)
     if report.recurring or report.released or report.expired or report.requeued or report.reaped_unknown or report.reaped_retry:
         log.info("tick: %s", report.as_dict())
     return report

@@ -127,7 +127,7 @@ async def post_message(request: web.Request) -> Reply:
     provider, to, text = args.pop("provider"), args.pop("to"), args.pop("text")
     idem = _idempotency_key(request)
     if idem is None:
-        values = api.build_values(provider, to, text, **args)
+        values = api.row_values(provider, to, text, **args)
         await request.app[COMMITS].add(values)
         return Reply(201, MessageOut.of_values(values))
     try:

@@ -1,7 +1,7 @@
 """Single sends that arrive together are stored in one transaction and enqueued together.
 
 `POST /v1/messages` without an Idempotency-Key validates its message on the event loop
-(dispatcher.api.build_values) and hands the row here. One writer at a time stores whatever
+(dispatcher.api.row_values) and hands the row here. One writer at a time stores whatever
 has gathered with `dispatcher.api.store_many` (one INSERT, one commit, one broker publish
 per 100 ids) in a worker thread; what arrives meanwhile waits for the next round. Idle, a
 request is written at once, alone; under load, a commit and a publish serve many requests,

@@ -114,7 +114,7 @@ class MessageOut(BaseModel):
 
     @classmethod
     def of_values(cls, values: dict[str, Any]) -> "MessageOut":
-        """A message just stored from its column values (dispatcher.api.build_values)."""
+        """A message just stored from its column values (dispatcher.api.row_values)."""
         fields = {name: values.get(name) for name in cls.model_fields if name not in ("events", "attempts")}
         fields["options"] = _shown_options(values.get("options") or {})
         return cls(events=[], attempts=[], **fields)

@@ -1,7 +1,7 @@
 """API keys of the HTTP API: a public id, a name, the SHA-256 of the key, the accounts it may use
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005 (re-chained after 0005_campaigns when the campaign branch was merged in)
 Create Date: 2026-11-30 13:30:00
 """
 from alembic import op
@@ -11,7 +11,7 @@ import dispatcher.store.models
 
 
 revision = '0006'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
