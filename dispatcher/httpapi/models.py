@@ -144,3 +144,68 @@ class Health(BaseModel):
 def _shown_options(options: dict[str, Any]) -> dict[str, Any]:
     """Options as a client may see them: a token in a callback URL is starred."""
     return {k: hide_url_secrets(v) for k, v in options.items()}
+
+
+# --------------------------------------------------------------------------- campaigns
+class CampaignQuery(BaseModel):
+    """The options of `dispatcher campaign create`, as query parameters of POST /v1/campaigns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(description="the provider account")
+    template: str = Field(description="the text, with {column} placeholders")
+    to_column: str = Field(default="to", description="the column holding the recipient")
+    name: Optional[str] = None
+    idempotency_key: Optional[str] = Field(
+        default=None, description="the same key again returns the first campaign (200) and stores nothing new")
+    not_before: Optional[datetime] = Field(default=None, description="ISO 8601 with a zone: start no earlier")
+    not_after: Optional[datetime] = Field(default=None, description="ISO 8601 with a zone: what is unsent then expires")
+    window: Optional[str] = Field(default=None, description="HH:MM-HH:MM in each recipient's local time")
+    strict: bool = Field(default=False, description="any bad row refuses the whole campaign (422, nothing stored)")
+    dry_run: bool = Field(default=False, description="check and count; store and send nothing (200)")
+    opt: list[str] = Field(default_factory=list,
+                           description="a kind option as KEY=VALUE, repeatable (a value starting with { or [ is JSON)")
+
+
+class InvalidRowOut(BaseModel):
+    line: int = Field(description="the CSV file's own line (the header is line 1)")
+    reason: str
+
+
+class SampleOut(BaseModel):
+    line: int
+    to: str
+    text: str
+    segments: int
+
+
+class CampaignOut(BaseModel):
+    """A campaign as it stands (`dispatcher campaign status --json`)."""
+
+    id: Optional[str] = Field(description="null for a dry run")
+    name: Optional[str]
+    provider: str
+    state: str = Field(description="loading | running | paused | cancelled | done")
+    total: int = Field(description="valid rows stored (or that a dry run would store)")
+    invalid: list[InvalidRowOut] = Field(description="skipped rows (the first 1,000)")
+    invalid_count: int
+    segments: int
+    counts: dict[str, int] = Field(description="message status -> number")
+    window: Optional[str]
+    not_before: Optional[datetime]
+    not_after: Optional[datetime]
+    created_at: Optional[datetime]
+    rate_per_s: Optional[float] = Field(description="messages accepted per second lately")
+    eta_seconds: Optional[float] = Field(description="time to send what still waits, at that rate")
+    dry_run: bool = False
+    samples: list[SampleOut] = Field(default_factory=list, description="rendered rows of a dry run")
+
+    @classmethod
+    def of(cls, c: Any) -> "CampaignOut":
+        """From a dispatcher.campaigns.Campaign."""
+        return cls(id=c.id, name=c.name, provider=c.provider, state=c.state, total=c.total,
+                   invalid=[InvalidRowOut(line=r.line, reason=r.reason) for r in c.invalid],
+                   invalid_count=c.invalid_count, segments=c.segments, counts=dict(c.counts), window=c.window,
+                   not_before=c.not_before, not_after=c.not_after, created_at=c.created_at,
+                   rate_per_s=c.rate_per_s, eta_seconds=c.eta_seconds, dry_run=c.dry_run,
+                   samples=[SampleOut(line=s.line, to=s.to, text=s.text, segments=s.segments) for s in c.samples])
