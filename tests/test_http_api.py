@@ -169,6 +169,28 @@ def test_a_message_with_not_before_is_scheduled(api, broker_down):
     assert (r.status_code, r.json()["status"]) == (201, "scheduled")
 
 
+def test_many_sends_at_once_are_each_stored_once_and_answered_with_their_own_id(api, broker_down):
+    texts = [f"message {i}" for i in range(200)]
+    with ThreadPoolExecutor(32) as pool:  # they share transactions in the server: each still gets its own row
+        answers = list(pool.map(lambda t: api.post("/v1/messages", json={"provider": "alerts", "to": E164, "text": t}),
+                                texts))
+    assert [r.status_code for r in answers] == [201] * 200
+    assert [dispatcher.get(r.json()["id"]).text for r in answers] == texts
+    assert stored_count() == 200
+
+
+def test_an_unreachable_store_gets_503_not_a_traceback(api, monkeypatch):
+    key = api.headers["Authorization"].split()[1]
+    assert api.get("/v1/messages/nope").status_code == 404
+    monkeypatch.setenv("DISPATCHER_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none?connect_timeout=1")
+    runtime.configure(None)
+    r = api.post("/v1/messages", json={"provider": "alerts", "to": E164, "text": "hi"})
+    assert r.status_code == 503
+    assert r.json()["error"] == {"field": None, "message": "the store is not available; try again"}
+    assert r.headers["Retry-After"] == "1"
+    assert key not in r.text
+
+
 @pytest.mark.parametrize("body, field", [
     ({"provider": "alerts", "to": "555-0123", "text": "hi"}, "to"),
     ({"provider": "alerts", "to": E164, "text": "x" * 2000}, "text"),
