@@ -122,7 +122,7 @@ class KeyChecker:
         hit, info = self.cached(presented)
         if hit:
             return info
-        key_id = presented.split("_")[1]
+        key_id = presented.split("_", 2)[1]  # dsp_<id>_<secret>: the form was checked by cached()
         with runtime.session() as db:
             row = table.key_by_id(db, key_id)
         if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, _digest(presented)):
