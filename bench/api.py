@@ -256,7 +256,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="requests/s offered in the open-loop run")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the open-loop run")
     ap.add_argument("--batches", type=int, default=40, help="batch POSTs of 1,000 messages")
-    ap.add_argument("--batch-clients", type=int, default=2)
+    ap.add_argument("--batch-clients", type=int, default=1)
     ap.add_argument("--stores", default="sqlite,postgresql")
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {args.clients} clients; "

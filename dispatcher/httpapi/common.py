@@ -7,14 +7,17 @@ complaints about a body's shape are put in the same form (`shape_refusal`).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Any, get_origin
+from typing import Any, Callable, TypeVar, get_origin
 
 from aiohttp import web
 from pydantic import BaseModel
 from pydantic import ValidationError as ShapeError
 
+from .. import runtime
 from ..api_keys import KeyInfo
+from ..store.db import is_sqlite
 
 MAX_BODY = 1024 * 1024
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -119,3 +122,23 @@ def query_params(request: web.Request, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ShapeError as exc:
         raise shape_refusal(exc) from None
+
+
+T = TypeVar("T")
+_SQLITE_WRITER = threading.Lock()
+
+
+def one_writer(fn: Callable[..., T]) -> Callable[..., T]:
+    """`fn` (a store write, run in a worker thread) taking turns with this process's other writes
+    when the store is SQLite. SQLite lets one transaction write at a time; a second one that
+    finds the lock taken polls it through the busy handler, sleeping up to tens of milliseconds
+    between tries, while a lock of the process hands over at once. PostgreSQL writes stay
+    concurrent."""
+
+    def run(*args: Any, **kwargs: Any) -> T:
+        if not is_sqlite(runtime.settings().database_url):
+            return fn(*args, **kwargs)
+        with _SQLITE_WRITER:
+            return fn(*args, **kwargs)
+
+    return run

@@ -7,8 +7,8 @@ a worker thread; what arrives meanwhile waits for the next round. Idle, a reques
 at once, alone; under load, a commit and a publish serve many requests, which is what lets
 one process answer well over a thousand sends a second (bench/api.py). Two writers may run
 at once, so a group need not wait for the previous group's commit to reach the disk
-(PostgreSQL spends most of a group's time waiting for its commit). Each request is answered
-only after its row is committed.
+(PostgreSQL spends most of a group's time waiting for its commit; on SQLite they take turns,
+common.one_writer). Each request is answered only after its row is committed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 from typing import Any, Callable
 
 from .. import api
+from .common import one_writer
 
 Store = Callable[[list[dict[str, Any]]], list[str]]
 
@@ -25,7 +26,7 @@ class GroupCommit:
     """Gathers validated rows and stores them a group at a time; `add` returns once committed."""
 
     def __init__(self, store: Store | None = None, max_rows: int = 500, writers: int = 2) -> None:
-        self._store, self._max_rows, self._most = store or api.store_many, max_rows, writers
+        self._store, self._max_rows, self._most = one_writer(store or api.store_many), max_rows, writers
         self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 

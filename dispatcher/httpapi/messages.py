@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from .. import api, runtime
 from ..errors import ValidationError
 from ..store.models import Message as Row
-from .common import IDEMPOTENCY_DOC, IDEMPOTENCY_HEADER, Refusal, Reply, allow, idempotency_key, json_body, key_of
+from .common import (IDEMPOTENCY_DOC, IDEMPOTENCY_HEADER, Refusal, Reply, allow, idempotency_key, json_body, key_of,
+                     one_writer)
 from .group_commit import GroupCommit
 from .models import BatchIn, BatchOut, ErrorOut, Health, MessageIn, MessageOut
 from .openapi import Route
@@ -38,7 +39,7 @@ async def post_message(request: web.Request) -> Reply:
         if exc.field == "idempotency_key":
             raise Refusal(422, IDEMPOTENCY_HEADER, exc.rule) from None
         raise
-    stored, new = await asyncio.to_thread(api.store_one, row)
+    stored, new = await asyncio.to_thread(one_writer(api.store_one), row)
     return Reply(201 if new else 200, MessageOut.of(stored))
 
 
@@ -55,7 +56,7 @@ async def post_batch(request: web.Request) -> Reply:
             raise Refusal(422, IDEMPOTENCY_HEADER, f"must be 1 to {MAX_BATCH_KEY} characters for a batch")
         for index, item in enumerate(items):
             item["idempotency_key"] = f"{idem}#{index}"
-    ids, new = await asyncio.to_thread(_send_batch, items)
+    ids, new = await asyncio.to_thread(one_writer(_send_batch), items)
     return Reply(201 if new else 200, BatchOut(ids=ids))
 
 
