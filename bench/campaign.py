@@ -7,7 +7,9 @@ redis://localhost:6379/0) and, for the PostgreSQL rows, PostgreSQL at DISPATCHER
 
 Load: for each store and size, a fresh child process runs `dispatcher.campaign()` over the CSV
 (streamed by csvrows.read_csv); it prints rows/s loaded and stored, and the child's peak RSS
-(wait4's ru_maxrss) beside its RSS just before loading (imports, engine, schema).
+(wait4's ru_maxrss) beside its RSS just before loading (imports, engine, schema). rows/CPU-s
+divides by the child's own CPU time (user + system): on a busy shared machine it shows what one
+free core would do (for SQLite it includes the database's work; PostgreSQL's server is apart).
 
 Send: a campaign of `--send` rows on an account limited to `--rate`, through a sandbox process
 and `--workers` worker processes plus a beat (the feeder is a step of the beat's tick); it
@@ -81,6 +83,7 @@ def measure_load(csv_path: str, env: dict[str, str]) -> dict:
         raise RuntimeError(f"load failed: {err.decode()[-2000:]}")
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_kb"] = usage.ru_maxrss
+    result["cpu"] = usage.ru_utime + usage.ru_stime  # the loader's own CPU (SQLite's work included)
     return result
 
 
@@ -115,8 +118,8 @@ def run_loads(sizes: list[int], stores: list[str], work: str) -> None:
     for n in sizes:
         csvs[n] = os.path.join(work, f"rows{n}.csv")
         write_csv(csvs[n], n)
-    print(f"{'store':<11} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>11} {'RSS before MB':>13} "
-          f"{'CSV MB':>7}")
+    print(f"{'store':<11} {'rows':>8} {'seconds':>8} {'rows/s':>8} {'rows/CPU-s':>10} {'peak RSS MB':>11} "
+          f"{'RSS before MB':>13} {'CSV MB':>7}")
     for store in stores:
         for n in sizes:
             schema = None
@@ -132,7 +135,7 @@ def run_loads(sizes: list[int], stores: list[str], work: str) -> None:
                 if schema:
                     drop_pg_schema(schema)
             print(f"{store:<11} {r['rows']:>8,} {r['seconds']:>8.2f} {r['rows'] / r['seconds']:>8,.0f} "
-                  f"{r['peak_kb'] / 1024:>11.1f} {r['before_kb'] / 1024:>13.1f} "
+                  f"{r['rows'] / r['cpu']:>10,.0f} {r['peak_kb'] / 1024:>11.1f} {r['before_kb'] / 1024:>13.1f} "
                   f"{os.path.getsize(csvs[n]) / 1e6:>7.1f}", flush=True)
 
 

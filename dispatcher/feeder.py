@@ -54,7 +54,9 @@ FEED_INTERVAL = 0.1  # seconds between rounds, across every process
 LOOKAHEAD_SLOTS = 2  # a round fills the account's slots this far ahead...
 LOOKAHEAD_MIN = 0.2  # ...and at least this many seconds (a fast account needs more than 2 slots of lead)
 UNLIMITED_BACKLOG = 500  # queued messages kept in the broker for an account with no limit
+WINDOW_BATCH = 500  # due rows of a windowed campaign read at once to find those inside their window
 ROUND_LOCK_MS = 5000  # the round lock outlives a round stuck this long
+_warned: set[str] = set()  # accounts missing from the config, already logged
 
 
 @dataclass
@@ -143,7 +145,11 @@ def feed_round(
     busy = False
     exhausted: list[Any] = []
     for account, group in by_account.items():
-        room = _room(s, account, backlog.get(account, 0))
+        try:
+            room = _room(s, account, backlog.get(account, 0))
+        except RateLimiterUnavailable as exc:
+            log.warning("campaign feeder: rate limiter unreachable for %s (%s); its campaigns wait", account, exc)
+            continue
         if room <= 0:
             busy = True  # the account is at its limit: its campaigns wait for the next round
             continue
@@ -221,7 +227,9 @@ def _room(s: Settings, account: str, backlog: int) -> int:
     """How many more of the account's messages the broker should hold now."""
     acct = s.providers.get(account)
     if acct is None:
-        log.warning("campaign feeder: account %s is not configured; its campaigns wait", account)
+        if account not in _warned:  # once per process: the feeder asks ten times a second
+            _warned.add(account)
+            log.warning("campaign feeder: account %s is not configured; its campaigns wait", account)
         return 0
     d = runtime.limiter().describe(account, acct.rate_limit)
     if d["paused_until"]:
@@ -273,17 +281,19 @@ def _release_shares(db: Any, group: Sequence[Any], room: int, now: datetime) -> 
 
 def _release(db: Any, c: Any, want: int, now: datetime) -> list[str]:
     """Release up to `want` of a campaign's due pending rows, in file order; rows outside their
-    window are put off to its next opening instead."""
+    window are put off to its next opening instead (read WINDOW_BATCH at a time, so that a
+    window closing on many due rows puts them off quickly)."""
     window = _window(c.window)
     released: list[str] = []
     for _ in range(4):  # rows put off make room for the next ones, a few times per round
-        rows = cq.due_pending(db, c.id, now, want - len(released))
+        need = want - len(released)
+        rows = cq.due_pending(db, c.id, now, need if window is None else max(need, WINDOW_BATCH))
         if not rows:
             break
         ready, later = _split_by_window(rows, window, now)
         for due, ids in later.items():
             cq.postpone(db, ids, due, now)
-        released += cq.release(db, ready, now)
+        released += cq.release(db, ready[:need], now)
         if len(released) >= want or not later:
             break
     return released

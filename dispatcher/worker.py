@@ -44,9 +44,21 @@ def poll_status() -> dict:
     return asdict(poll())
 
 
+@signals.worker_shutting_down.connect
+def _stop_starting(**_: object) -> None:
+    """Warm shutdown (SIGTERM) begins: sends not yet started are handed back, not begun."""
+    from .transport import process_loop
+
+    process_loop().stopping.set()
+
+
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _close_loop(**_: object) -> None:
+    """Let the sends under way finish and be recorded, then leave: the heartbeat row goes last,
+    so anything still `sending` after the drain is settled by the reaper at once."""
+    from .liveness import retire
     from .transport import close_process_loop
 
     close_process_loop()
+    retire()

@@ -246,12 +246,12 @@ def test_pause_stops_the_claim_at_once_resume_goes_on_cancel_ends_the_rest(limit
     assert len(sent) == 2
     assert dispatcher.pause_campaign(c.id).state == "paused"
     with runtime.session() as db:  # the broker's tasks now claim nothing
-        assert queries.claim(db, sent, utcnow()) == []
+        assert queries.claim(db, sent, utcnow(), "claim-1", "worker-1") == []
     assert dispatch_batch(sent, enqueue=Enqueued()).claimed == 0
     assert statuses(c.id) == Counter(pending=10)  # what the broker held waits in the store again
     with runtime.session() as db:  # a stray back in the queue (a retry's task)...
         db.execute(Message.__table__.update().where(Message.id == sent[0]).values(status="queued"))
-        assert queries.claim(db, sent, utcnow()) == []  # ...is not claimed while the campaign is paused
+        assert queries.claim(db, sent, utcnow(), "claim-1", "worker-1") == []  # ...is not claimed while the campaign is paused
     assert feed_round(runtime.settings(), utcnow(), Enqueued()).released == 0
     assert statuses(c.id) == Counter(pending=10)  # and the feeder puts it back with the others
     assert dispatcher.resume_campaign(c.id).state == "running"
@@ -261,7 +261,7 @@ def test_pause_stops_the_claim_at_once_resume_goes_on_cancel_ends_the_rest(limit
     cancelled = dispatcher.cancel_campaign(c.id)
     assert cancelled.state == "cancelled" and cancelled.counts == {"cancelled": 10}
     with runtime.session() as db:
-        assert queries.claim(db, again, utcnow()) == []
+        assert queries.claim(db, again, utcnow(), "claim-1", "worker-1") == []
     with pytest.raises(dispatcher.TooLate):
         dispatcher.pause_campaign(c.id)
 

@@ -164,12 +164,13 @@ def due_pending(session: Session, campaign_id: str, now: datetime, limit: int) -
 
 
 def release(session: Session, ids: Sequence[str], now: datetime) -> list[str]:
-    """`pending -> queued`, due now (compare-and-set: two feeders never release one message twice)."""
+    """`pending -> queued`, due now, while the campaign runs (compare-and-set: two feeders never
+    release one message twice, and a pause committed since the round began releases nothing)."""
     if not ids:
         return []
     stmt = (
         update(M)
-        .where(M.c.id.in_(list(ids)), M.c.status == PENDING)
+        .where(M.c.id.in_(list(ids)), M.c.status == PENDING, M.c.campaign_id.in_(running_ids()))
         .values(status=QUEUED, due_at=now, enqueued_at=now, updated_at=now)
         .returning(M.c.id)
     )
