@@ -393,6 +393,8 @@ def test_api_key_commands_create_list_and_revoke(dispatcher_env, capsys):
     capsys.readouterr()
     assert main(["api-key", "list"]) == 0
     assert "revoked" in capsys.readouterr().out
+    assert main(["api-key", "create", "shop"]) == 0  # a revoked key's name may be used again
+    assert capsys.readouterr().out.splitlines()[-1] != key
 
 
 def test_the_api_command_serves_on_the_port_it_is_given(dispatcher_env, tmp_path):
