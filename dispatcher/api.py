@@ -102,15 +102,24 @@ def send(
     """
     row = build_row(provider, to, text, not_before=not_before, not_after=not_after,
                     idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options)
+    return store_one(row)[0]
+
+
+def store_one(row: Row) -> tuple[Message, bool]:
+    """Store one built row (committed) and enqueue it: (the message, True when it is new).
+
+    With its idempotency key already used, (the first message, False) and nothing new is sent;
+    a concurrent insert of the same key is settled by the store's unique index.
+    """
     s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
         stored = queries.add_message(db, row)
     if stored.id != row.id:
-        return _snapshot(stored)  # the same idempotency key: the first one, nothing new
+        return _snapshot(stored), False  # the same idempotency key: the first one, nothing new
     if stored.status == QUEUED:
         _enqueue_or_leave([stored.id])
-    return _snapshot(stored)
+    return _snapshot(stored), True
 
 
 def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -124,14 +133,24 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     id of that message (nothing new is stored or sent); for a key repeated in the batch, the id
     of its first item. Producers sending overlapping keys at once each get the same ids.
     """
-    s = runtime.settings()
     rows: list[dict[str, Any]] = []
     if isinstance(messages, (str, bytes, Mapping)):
         raise ValidationError("messages", "must be a list (or other iterable) of mappings")
     for index, item in enumerate(messages):
-        rows.append(_row_dict(_build_item(index, item)))
+        rows.append(_build_item(index, item))
+    return store_many(rows)
+
+
+def store_many(rows: list[dict[str, Any]]) -> list[str]:
+    """Insert validated rows (row_values) in one transaction and enqueue the new ones in batches.
+
+    Returns one id per row, in order: for an idempotency key already stored (or repeated among
+    the rows), the id of the message that holds it; nothing new is stored or sent for it.
+    """
     if not rows:
         return []
+    rows = [{**_COLUMN_DEFAULTS, **r} for r in rows]  # one bulk insert names every column
+    s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
         ids, inserted = insert_keyed(db, rows)
@@ -140,8 +159,8 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return ids
 
 
-def _build_item(index: int, item: Any) -> Row:
-    """One item of send_many() as a row; its errors name the item (`messages[3].text`)."""
+def _build_item(index: int, item: Any) -> dict[str, Any]:
+    """One item of send_many() as row values; its errors name the item (`messages[3].text`)."""
     if not isinstance(item, Mapping):
         raise ValidationError(f"messages[{index}]", "must be a mapping with provider, to, text, ...")
     item = dict(item)
@@ -157,7 +176,7 @@ def _build_item(index: int, item: Any) -> Row:
     text = item.pop("text", None)
     opts.update(item)
     try:
-        return build_row(provider, to, text, options=opts, **args)
+        return row_values(provider, to, text, options=opts, **args)
     except ValidationError as exc:
         named = type(exc).__new__(type(exc))  # the same class (UnknownProvider's own __init__ differs)
         ValidationError.__init__(named, f"messages[{index}].{exc.field}", exc.rule)
@@ -289,6 +308,7 @@ def row_values(
         enqueued_at=now,
         updated_at=now,
     )
+    return values
 
 
 def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[Any, Any]) -> None:
@@ -312,8 +332,13 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
     return value
 
 
-def _row_dict(row: Row) -> dict[str, Any]:
-    return {c: getattr(row, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
+def _column_defaults() -> dict[str, Any]:
+    """Every column of a new row with the value a fresh Row would give it (bulk inserts name them all)."""
+    fresh = Row(id="", provider="", kind="", to="", created_at=utcnow(), updated_at=utcnow())
+    return {c: getattr(fresh, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
+
+
+_COLUMN_DEFAULTS = _column_defaults()
 
 
 def _enqueue_or_leave(ids: list[str], batch_size: int = 100) -> None:
