@@ -138,17 +138,18 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
         raise ValidationError("messages", "must be a list (or other iterable) of mappings")
     for index, item in enumerate(messages):
         rows.append(_build_item(index, item))
-    return store_many(rows)
+    return store_many(rows)[0]
 
 
-def store_many(rows: list[dict[str, Any]]) -> list[str]:
+def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
     """Insert validated rows (row_values) in one transaction and enqueue the new ones in batches.
 
-    Returns one id per row, in order: for an idempotency key already stored (or repeated among
-    the rows), the id of the message that holds it; nothing new is stored or sent for it.
+    Returns one id per row, in order, and how many rows were new: for an idempotency key already
+    stored (or repeated among the rows), the id of the message that holds it, and nothing new is
+    stored or sent for it.
     """
     if not rows:
-        return []
+        return [], 0
     rows = [{**_COLUMN_DEFAULTS, **r} for r in rows]  # one bulk insert names every column
     s = runtime.settings()
     ensure_schema(s.database_url)
@@ -156,7 +157,14 @@ def store_many(rows: list[dict[str, Any]]) -> list[str]:
         ids, inserted = insert_keyed(db, rows)
     new = {r["id"] for r in inserted if r["status"] == QUEUED}
     _enqueue_or_leave([r["id"] for r in rows if r["id"] in new], s.batch_size)
-    return ids
+    return ids, len(inserted)
+
+
+def build_many(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """send_many()'s validation alone: row values per item, errors naming the item."""
+    if isinstance(messages, (str, bytes, Mapping)):
+        raise ValidationError("messages", "must be a list (or other iterable) of mappings")
+    return [_build_item(index, item) for index, item in enumerate(messages)]
 
 
 def _build_item(index: int, item: Any) -> dict[str, Any]:
@@ -308,7 +316,6 @@ def row_values(
         enqueued_at=now,
         updated_at=now,
     )
-    return values
 
 
 def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[Any, Any]) -> None:

@@ -39,7 +39,7 @@ from .config import Settings
 from .providers.base import ABSENT, FOUND, LookupResult
 from .store import queries
 from .store.db import session_scope
-from .store.models import ACCEPTED, QUEUED, SENDING, UNKNOWN, Message
+from .store.models import ACCEPTED, QUEUED, UNKNOWN, Message
 
 log = logging.getLogger("dispatcher.recovery")
 BATCH = 1000

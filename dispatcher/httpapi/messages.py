@@ -6,12 +6,9 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from .. import api, runtime
+from .. import api
 from ..errors import ValidationError
-from ..store.models import Message as Row
 from .common import (IDEMPOTENCY_DOC, IDEMPOTENCY_HEADER, Refusal, Reply, allow, idempotency_key, json_body, key_of,
                      one_writer)
 from .group_commit import GroupCommit
@@ -61,19 +58,10 @@ async def post_batch(request: web.Request) -> Reply:
 
 
 def _send_batch(items: list[dict[str, Any]]) -> tuple[list[str], bool]:
-    """send_many(); with idempotency keys, (the ids stored under them, in order; whether all are new)."""
-    keys = [item.get("idempotency_key") for item in items]
-    if not any(keys):
-        return api.send_many(items), True
-    try:
-        ids = api.send_many(items)
-    except IntegrityError:  # PostgreSQL: a concurrent request stored these keys first; it committed
-        ids = []
-    if len(ids) == len(items):
-        return ids, True
-    with runtime.session() as db:
-        found = dict(db.execute(select(Row.idempotency_key, Row.id).where(Row.idempotency_key.in_(keys))).all())  # type: ignore[union-attr]
-    return [found[k] for k in keys], False
+    """send_many(): the ids in input order (with idempotency keys, those stored under them) and
+    whether every message was new."""
+    ids, new = api.store_many(api.build_many(items))
+    return ids, new == len(items)
 
 
 async def get_message(request: web.Request) -> Reply:
