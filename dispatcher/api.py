@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
 from . import runtime, storable
-from .errors import BrokerUnavailable, InvalidAddress, InvalidTime, NotFound, TooLate, ValidationError
+from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError
+from .redact import has_url_secret
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.keyed import insert_keyed
@@ -327,6 +328,9 @@ def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[A
         if not isinstance(name, str) or not name.isprintable() or not name:
             raise ValidationError("options", f"an option name must be printable text, got {name!r}")
         storable.check_option(name, value)
+        if has_url_secret(value):  # it would be stored with the message: secrets live in the config only
+            raise InvalidOption(name, "must not carry a token or password: set this URL (with its secret) "
+                                      "on the provider account instead")
 
 
 def _aware(name: str, value: datetime | None) -> datetime | None:
