@@ -1,6 +1,6 @@
 """Throughput of the whole pipeline against a slow provider, beside a naive baseline and a bare client.
 
-Run by hand: `.venv/bin/python bench/throughput.py [--messages 20000] [--latency-ms 200] [--workers 2]`.
+Run by hand: `.venv/bin/python bench/throughput.py [--messages 10000] [--latency-ms 200] [--workers 1]`.
 Needs Redis (DISPATCHER_REDIS_URL, default redis://localhost:6379/0) and, for the PostgreSQL
 row, PostgreSQL at DISPATCHER_BENCH_PG_URL (default postgresql://postgres@127.0.0.1:5432/test).
 
@@ -11,7 +11,10 @@ latency with no rate limit:
     processes -> sandbox -> store, timed from the first send_many() call to the last acceptance;
   * naive: one Celery task per message, one blocking httpx request per task, prefork, with as
     many processes as the dispatcher has workers (fewer messages: it is slow).
-It prints messages/s, the ratios, p50/p99 from send() to accepted, the workers' peak RSS.
+It prints messages/s, the ratios, p50/p99 from send() to accepted, the workers' peak RSS, and
+CPU seconds per 1,000 messages of every process involved: the bare client, send_many() (the
+producer), the worker(s), the mock provider, Redis and PostgreSQL. Redis and PostgreSQL are
+shared with whatever else runs on the machine, so their figures are upper bounds.
 """
 
 from __future__ import annotations
@@ -25,15 +28,75 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import aiohttp  # noqa: E402
 
 REDIS_URL = os.environ.get("DISPATCHER_REDIS_URL", "redis://localhost:6379/0")
+PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")  # set: py-spy records each worker (collapsed stacks) there
 PG_URL = os.environ.get("DISPATCHER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH = int(os.environ.get("BENCH_BATCH", "200"))  # ids per dispatch task
 BODY = {"to": "+14155550123", "from": "BENCH", "message": "hello"}
+
+
+def _ticks() -> float:
+    return float(os.sysconf("SC_CLK_TCK"))
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU (user + system) a process has used so far, all its threads; with `children`, also its reaped children."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    used = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+    return used / _ticks()
+
+
+def pids_named(name: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == name:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class CpuMeter:
+    """CPU seconds used between start() and stop() by the named processes (Redis, PostgreSQL, the mock...)."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.before: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {label: sum(cpu_seconds(p, children=(label == "postgresql")) for p in pids)
+                for label, pids in self.pids.items()}
+
+    def start(self) -> "CpuMeter":
+        self.before = self._now()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        after = self._now()
+        self.used = {label: after[label] - self.before.get(label, 0.0) for label in after}
+        return self.used
+
+
+def shared_services() -> dict[str, list[int]]:
+    return {"redis": pids_named("redis-server"), "postgresql": pids_named("postgres")}
+
+
+def per_thousand(used: dict[str, float], count: int) -> str:
+    return ", ".join(f"{label} {seconds * 1000 / count:.2f}" for label, seconds in used.items())
 
 
 async def bare_client(url: str, api_key: str, count: int, in_flight: int = 256) -> float:
@@ -68,7 +131,7 @@ def current_rss_mb(pid: int) -> float:
     return _status_mb(pid, "VmRSS")
 
 
-def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # type: ignore[no-untyped-def]
+def pipeline(provider, store_url: str, count: int, workers: int, in_flight: int = 256) -> dict:  # type: ignore[no-untyped-def]
     import dispatcher
     from dispatcher import runtime
     from dispatcher.store.db import session_scope, upgrade
@@ -79,7 +142,7 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
     work = tempfile.mkdtemp(prefix="bench-tp-")
     config = os.path.join(work, "dispatcher.toml")
     with open(config, "w") as fh:
-        fh.write(f'[dispatcher]\nbatch_size = {BATCH}\n\n[providers.bench]\nkind = "emsgnow"\n'
+        fh.write(f'[dispatcher]\nbatch_size = {BATCH}\nin_flight = {in_flight}\n\n[providers.bench]\nkind = "emsgnow"\n'
                  f'base_url = "{provider.base_url("emsgnow")}"\napi_key = "{provider.credentials("emsgnow")["api_key"]}"\n'
                  f'from = "BENCH"\ntimeout = 30\n')
     os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)
@@ -87,12 +150,21 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
     upgrade(store_url)
     with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=16) as procs:
         time.sleep(3)  # let the workers connect before the clock starts
+        services = shared_services()
+        meter = CpuMeter({"worker": [p.pid for p in procs.procs], "mock": [provider.proc.pid], **services}).start()
+        spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "200", "-f", "raw",
+                                   "-o", os.path.join(PROFILE_DIR, f"worker{i}-{os.path.basename(store_url)[:20]}.txt"),
+                                   "-p", str(p.pid), "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for i, p in enumerate(procs.procs)] if PROFILE_DIR else []
+        wall_start = datetime.now(timezone.utc)
         start = time.perf_counter()
+        producer_cpu = time.process_time()
         ids: list[str] = []
         for chunk in range(0, count, 5000):
             ids += dispatcher.send_many([{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"}
                                          for i in range(chunk, min(count, chunk + 5000))])
         produced = time.perf_counter() - start
+        producer_cpu = time.process_time() - producer_cpu
         samples = []  # (fraction accepted, current RSS of the largest worker) while the run goes on
         deadline = time.monotonic() + count / 20 + 120
         while time.monotonic() < deadline:
@@ -102,16 +174,23 @@ def pipeline(provider, store_url: str, count: int, workers: int) -> dict:  # typ
             if done >= count:
                 break
             time.sleep(1.0)
+        cpu = meter.stop()
+        for spy in spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+            spy.wait(timeout=60)
         statuses = wait_until_settled(ids, timeout=30, interval=0.5)
-        elapsed = time.perf_counter() - start
         rss = [peak_rss_mb(p.pid) for p in procs.procs]
     with session_scope(store_url) as db:
         rows = db.execute(select(Message.created_at, Message.accepted_at).where(Message.status == "accepted")).all()
     lat = sorted((a - c).total_seconds() for c, a in rows if a is not None)
+    last = max(a for _, a in rows if a is not None)
+    last = last if last.tzinfo else last.replace(tzinfo=timezone.utc)
+    elapsed = (last - wall_start).total_seconds()  # to the last acceptance, not to the next poll
     accepted = sum(1 for s in statuses.values() if s == "accepted")
     quarters = [next((mb for f, mb in samples if f >= q), samples[-1][1]) for q in (0.25, 0.5, 0.75, 1.0)]
     return {"rss_quarters": quarters, "rate": accepted / elapsed, "accepted": accepted, "produce_s": produced, "p50": statistics.median(lat),
-            "p99": lat[int(len(lat) * 0.99) - 1], "rss": max(rss)}
+            "p99": lat[int(len(lat) * 0.99) - 1], "rss": max(rss),
+            "cpu": {"producer": producer_cpu, **cpu}}
 
 
 def producer(provider, store_url: str, count: int) -> float:  # type: ignore[no-untyped-def]
@@ -131,9 +210,11 @@ def producer(provider, store_url: str, count: int) -> float:  # type: ignore[no-
     upgrade(store_url)
     dispatcher.send_many([{"provider": "bench", "to": "+14155550123", "text": "warm-up"}])
     items = [{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"} for i in range(count)]
-    start = time.perf_counter()
+    meter = CpuMeter(shared_services()).start()
+    start, cpu = time.perf_counter(), time.process_time()
     dispatcher.send_many(items)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    producer.cpu = {"producer": cpu, **meter.stop()}  # type: ignore[attr-defined]
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)  # drop the tasks: nobody is to send these
@@ -172,10 +253,11 @@ def naive(provider, count: int, workers: int) -> float:  # type: ignore[no-untyp
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--messages", type=int, default=10000)
     parser.add_argument("--naive-messages", type=int, default=400)
     parser.add_argument("--latency-ms", type=int, default=200)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--in-flight", type=int, default=256, help="per worker process, and the bare client's")
     parser.add_argument("--stores", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(__file__))
@@ -185,9 +267,13 @@ def main() -> None:
     print(f"{args.messages} messages, provider latency {args.latency_ms} ms, {args.workers} worker processes")
     with SandboxProcess(latency_ms=args.latency_ms) as provider:
         provider.configure("emsgnow", rate_limit=10**9)
+        meter = CpuMeter({"mock": [provider.proc.pid]}).start()
+        cpu = time.process_time()
         bare = asyncio.run(bare_client(provider.base_url("emsgnow") + "/sms", provider.credentials("emsgnow")["api_key"],
-                                       args.messages))
-        print(f"bare aiohttp client (256 in flight)   {bare:8.0f} msg/s")
+                                       args.messages, args.in_flight))
+        bare_cpu = {"client": time.process_time() - cpu, **meter.stop()}
+        print(f"bare aiohttp client ({args.in_flight} in flight)   {bare:8.0f} msg/s")
+        print(f"    CPU s per 1,000 messages: {per_thousand(bare_cpu, args.messages)}")
         naive_rate = float("nan")
         if args.naive_messages > 0:  # --naive-messages 0 skips the slow baseline (quick iterations)
             naive_rate = naive(provider, args.naive_messages, args.workers)
@@ -197,13 +283,16 @@ def main() -> None:
             seconds = producer(provider, url, args.messages)
             print(f"send_many() alone ({store:<10})         {args.messages} messages in {seconds:.2f}s "
                   f"({args.messages / seconds:.0f} msg/s)")
+            print(f"    CPU s per 1,000 messages: {per_thousand(producer.cpu, args.messages)}")  # type: ignore[attr-defined]
             url = f"sqlite:///{tempfile.mkdtemp()}/bench.db" if store == "sqlite" else _pg_schema()
-            r = pipeline(provider, url, args.messages, args.workers)
+            r = pipeline(provider, url, args.messages, args.workers, args.in_flight)
             print(f"dispatcher ({store:<10})               {r['rate']:8.0f} msg/s  "
                   f"= {r['rate'] / bare:.2f} x bare, {r['rate'] / naive_rate:.0f} x naive; "
                   f"send_many (beside the workers) {r['produce_s']:.2f}s; send->accepted p50 {r['p50']:.2f}s p99 {r['p99']:.2f}s; "
                   f"worker peak RSS {r['rss']:.0f} MB; accepted {r['accepted']}")
             print(f"    worker RSS at 25/50/75/100 % accepted: {' / '.join(f'{mb:.0f}' for mb in r['rss_quarters'])} MB")
+            print(f"    CPU s per 1,000 messages: {per_thousand(r['cpu'], args.messages)}; "
+                  f"worker / bare client = {r['cpu']['worker'] / max(bare_cpu['client'], 1e-9):.1f}")
 
 
 def _pg_schema() -> str:
