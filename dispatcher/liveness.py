@@ -48,15 +48,20 @@ class Heartbeat:
         self.urls: set[str] = set()
         self.last_ok: dict[str, float] = {}  # url -> time.monotonic() of the last heartbeat written
         self._stop = threading.Event()
+        self._adding = threading.Lock()  # a process's first tasks arrive at once, each on its own thread
         self._thread = threading.Thread(target=self._run, name="dispatcher-heartbeat", daemon=True)
         self._thread.start()
 
     def add(self, url: str) -> None:
-        """Register in the store at `url` now (before any claim there), then keep beating."""
-        if url not in self.urls:
-            beat(url, self.clock())
-            self.last_ok[url] = time.monotonic()
-            self.urls.add(url)
+        """Register in the store at `url` now (before any claim there), then keep beating.
+        One thread registers; the others wait for it (two inserting the same row at once would fail)."""
+        if url in self.urls:
+            return
+        with self._adding:
+            if url not in self.urls:
+                beat(url, self.clock())
+                self.last_ok[url] = time.monotonic()
+                self.urls.add(url)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
