@@ -70,16 +70,17 @@ def pids_named(name: str) -> list[int]:
 
 
 class CpuMeter:
-    """CPU seconds used between start() and stop() by the named processes (Redis, PostgreSQL, the mock...)."""
+    """CPU seconds used between start() and stop() by processes: given pids, or every process of a
+    name (Redis, PostgreSQL: a backend started during the run counts from its start; one that
+    ended is counted by its parent, the postmaster, which reaps it)."""
 
-    def __init__(self, pids: dict[str, list[int]]) -> None:
-        self.pids = pids
-        self.before: dict[str, float] = {}
-        self.used: dict[str, float] = {}
+    def __init__(self, pids: dict[str, list[int]], names: dict[str, str] | None = None) -> None:
+        self.pids, self.names = pids, names or {}
+        self.before: dict[str, dict[int, float]] = {}
 
-    def _now(self) -> dict[str, float]:
-        return {label: sum(cpu_seconds(p, children=(label == "postgresql")) for p in pids)
-                for label, pids in self.pids.items()}
+    def _now(self) -> dict[str, dict[int, float]]:
+        pids = {**self.pids, **{label: pids_named(name) for label, name in self.names.items()}}
+        return {label: {p: cpu_seconds(p, children=(label == "postgresql")) for p in ps} for label, ps in pids.items()}
 
     def start(self) -> "CpuMeter":
         self.before = self._now()
@@ -87,12 +88,11 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         after = self._now()
-        self.used = {label: after[label] - self.before.get(label, 0.0) for label in after}
-        return self.used
+        return {label: sum(cpu - self.before.get(label, {}).get(p, 0.0) for p, cpu in now.items())
+                for label, now in after.items()}
 
 
-def shared_services() -> dict[str, list[int]]:
-    return {"redis": pids_named("redis-server"), "postgresql": pids_named("postgres")}
+SHARED = {"redis": "redis-server", "postgresql": "postgres"}
 
 
 def per_thousand(used: dict[str, float], count: int) -> str:
@@ -150,11 +150,10 @@ def pipeline(provider, store_url: str, count: int, workers: int, in_flight: int 
     upgrade(store_url)
     with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=16) as procs:
         time.sleep(3)  # let the workers connect before the clock starts
-        services = shared_services()
-        meter = CpuMeter({"worker": [p.pid for p in procs.procs], "mock": [provider.proc.pid], **services}).start()
-        spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "200", "-f", "raw",
+        meter = CpuMeter({"worker": [p.pid for p in procs.procs], "mock": [provider.proc.pid]}, SHARED).start()
+        spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "100", "-f", "raw",
                                    "-o", os.path.join(PROFILE_DIR, f"worker{i}-{os.path.basename(store_url)[:20]}.txt"),
-                                   "-p", str(p.pid), "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "-p", str(p.pid), "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for i, p in enumerate(procs.procs)] if PROFILE_DIR else []
         wall_start = datetime.now(timezone.utc)
         start = time.perf_counter()
@@ -210,7 +209,7 @@ def producer(provider, store_url: str, count: int) -> float:  # type: ignore[no-
     upgrade(store_url)
     dispatcher.send_many([{"provider": "bench", "to": "+14155550123", "text": "warm-up"}])
     items = [{"provider": "bench", "to": f"+1415555{i % 10000:04d}", "text": f"m{i}"} for i in range(count)]
-    meter = CpuMeter(shared_services()).start()
+    meter = CpuMeter({}, SHARED).start()
     start, cpu = time.perf_counter(), time.process_time()
     dispatcher.send_many(items)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu

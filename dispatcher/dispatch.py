@@ -460,11 +460,11 @@ async def send_all(
     messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None,
     starts: "Starts | None" = None, stopping: threading.Event | None = None,
 ) -> list[object]:
-    """Send every message concurrently over the process's shared client, each at its reserved
+    """Send every message concurrently over the process's Wire (transport.py), each at its reserved
     instant, once `starts` has recorded that its request may begin. A message is not sent
     (MISSED_SLOT, NOT_STARTED, NOT_OURS) when it wakes later than its allowed lateness, when the
     worker is stopping, or when its start cannot be recorded as this claim's."""
-    client = transport.process_loop().client()
+    client = transport.process_loop().wire()
     send_at = send_at or {}
 
     async def one(m: Message) -> object:

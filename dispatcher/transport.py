@@ -1,4 +1,4 @@
-"""The HTTP edge: one event loop per process, and one shared async client over aiohttp.
+"""The HTTP edge: one event loop per process, a Wire for sends, and a shared httpx client over aiohttp.
 
 It also counts requests in flight per provider account (`room()`, a Room given back in one
 place) so that a slow provider fills only its own share of the process, and runs work in the
@@ -9,6 +9,13 @@ on a long-lived event loop in a daemon thread, so a process keeps hundreds of re
 flight over one connection pool. httpx's API (Request, Auth, timeouts) stays; the network
 goes through `httpx-aiohttp`, because httpx's own async pool collapses at high concurrency
 (design.md measures 62 req/s against 1,095 req/s at 256 in flight, 200 ms latency).
+
+Sends go through a `Wire` rather than the httpx client: the adapters still build an
+`httpx.Request`, sign it with their `httpx.Auth` and parse an `httpx.Response`, but the request's
+exact bytes travel over an aiohttp session directly, without httpx's client layers (auth,
+redirect and hook loops, stream wrappers, exception mapping), which cost a worker as much CPU
+per message as the aiohttp request under them (docs/throughput.md). Status polls, cancels and
+lookups keep the httpx client (`client()`): they are few.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Coroutine, TypeVar
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -40,6 +48,79 @@ def make_client(in_flight: int = 256, timeout: float = 60.0) -> httpx.AsyncClien
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         trust_env=False,
     )
+
+
+class Wire:
+    """Sends an `httpx.Request` as it is (the exact bytes its Auth signed) over one aiohttp session.
+
+    `send(request, auth=...)` has the shape of `httpx.AsyncClient.send` for what the adapters use:
+    it runs the Auth's flow (a token exchange included), follows no redirect, and returns an
+    `httpx.Response` already read, with `.request` and `.history`. The timeouts are the request's
+    `timeout` extension, applied as httpx-aiohttp applies them (connect, read, pool wait). A
+    failure is aiohttp's own error (or an OSError), carrying the request it concerns as
+    `exc.request` like httpx's, so providers.base.network_outcome reads it as before. No cookie
+    jar: nothing is added to what the adapter built.
+    """
+
+    def __init__(self, in_flight: int = 256, timeout: float = 60.0) -> None:
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))  # the cap Adapter.timeouts reads
+        self._limits = httpx.Limits(max_connections=in_flight * 16)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limits.max_connections,
+                                             keepalive_timeout=self._limits.keepalive_expiry,
+                                             ssl=httpx.create_ssl_context(trust_env=False))
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                                  trust_env=False)
+        return self._session
+
+    async def send(self, request: httpx.Request, *, auth: Any = None) -> httpx.Response:
+        if not isinstance(auth, httpx.Auth):  # None or httpx.USE_CLIENT_DEFAULT: the request as built
+            return await self._one(request)
+        flow = auth.async_auth_flow(request)
+        history: list[httpx.Response] = []
+        try:
+            request = await flow.__anext__()
+            while True:
+                response = await self._one(request)
+                response.history = list(history)
+                try:
+                    request = await flow.asend(response)
+                except StopAsyncIteration:
+                    return response
+                history.append(response)
+        finally:
+            await flow.aclose()
+
+    async def _one(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout") or self.timeout.as_dict()
+        body = request.content or None
+        try:
+            async with self._open().request(
+                request.method, str(request.url), headers=request.headers.multi_items(), data=body,
+                allow_redirects=False, auto_decompress=False, compress=False,
+                timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
+                                              connect=timeout.get("pool")),
+            ) as answer:
+                content = await answer.read()
+                status, headers, reason = answer.status, answer.raw_headers, answer.reason
+        except (aiohttp.ClientError, OSError) as exc:
+            exc.request = request  # type: ignore[attr-defined] - as httpx's errors carry it
+            raise
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+        if reason:
+            extensions["reason_phrase"] = reason.encode()
+        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request,
+                                  extensions=extensions)
+        response.read()  # decodes a Content-Encoding as httpx would
+        return response
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class Room:
@@ -90,6 +171,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
         self._thread.start()
         self._client: httpx.AsyncClient | None = None
+        self._wire: Wire | None = None
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when an account's requests finish
         self._busy: Counter[str] = Counter()  # requests in flight per provider account
@@ -105,6 +187,12 @@ class LoopThread:
         if self._client is None:
             self._client = make_client(self.in_flight)
         return self._client
+
+    def wire(self) -> Wire:
+        """The sends' Wire; call only from coroutines running on this loop."""
+        if self._wire is None:
+            self._wire = Wire(self.in_flight)
+        return self._wire
 
     def submit(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
         """Start `factory()` on the loop and return at once; close() waits for it."""
@@ -160,6 +248,8 @@ class LoopThread:
         async def shutdown() -> None:
             if self._client is not None:
                 await self._client.aclose()
+            if self._wire is not None:
+                await self._wire.aclose()
 
         self.stopping.set()
         self.drain(drain_timeout)
@@ -199,6 +289,7 @@ def warm_up(in_flight: int = 256) -> None:
 
     async def touch() -> None:
         loop.client()
+        loop.wire()._open()
 
     loop.run(touch)
 
