@@ -197,7 +197,7 @@ class SendJob:
         with self.room:
             stopping = transport.process_loop().stopping
             starts = Starts(self.s.database_url, self.claim.token, self.clock)
-            results = await send_all(self.claim.messages, self.send_at, starts, stopping)
+            results = await send_all(self.claim.messages, self.send_at, starts, stopping, self.room)
             await record_durably(self.s, lambda: _record(self.claim, results, self.report, self.s, self.clock,
                                                          self.enqueue), [m.id for m in self.claim.messages])
         return self.report
@@ -458,16 +458,27 @@ def _learn(sent: Sequence[tuple[Message, object]]) -> None:
 
 async def send_all(
     messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None,
-    starts: "Starts | None" = None, stopping: threading.Event | None = None,
+    starts: "Starts | None" = None, stopping: threading.Event | None = None, room: transport.Room | None = None,
 ) -> list[object]:
     """Send every message concurrently over the process's Wire (transport.py), each at its reserved
     instant, once `starts` has recorded that its request may begin. A message is not sent
     (MISSED_SLOT, NOT_STARTED, NOT_OURS) when it wakes later than its allowed lateness, when the
-    worker is stopping, or when its start cannot be recorded as this claim's."""
+    worker is stopping, or when its start cannot be recorded as this claim's.
+
+    A message's share of `room` (its account's requests in flight) is given back as soon as its
+    request is over or will not be made, not when the batch is recorded: the next claim's
+    requests go while this one's outcomes are written."""
     client = transport.process_loop().wire()
     send_at = send_at or {}
 
     async def one(m: Message) -> object:
+        try:
+            return await attempt(m)
+        finally:
+            if room is not None:
+                room.release(m.provider, 1)
+
+    async def attempt(m: Message) -> object:
         adapter = runtime.adapter_for(m.provider)
         at, slack = send_at.get(m.id, (0.0, None))
         # Record the start a moment ahead of a reserved slot, so the store's latency never delays
