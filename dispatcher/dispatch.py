@@ -145,7 +145,8 @@ def _claim_what_fits(waiting: Sequence, room: transport.Room, s: Settings, clock
                      report: BatchReport, enqueue: Callable[[list[str], float], None] | None) -> Claim:
     """Room first, claim second: claim only what this process can send now.
 
-    Room is the per-account cap of requests in flight (`room`, taken waiting up to BUSY_WAIT_MAX).
+    Room is the per-account cap of messages held by the process, claimed or in flight (`room`,
+    taken waiting up to BUSY_WAIT_MAX; transport.py: up to twice the requests it may have in flight).
     Messages without room are not written to; they go back to the broker in a new task. Claiming
     whole batches and giving back what found no room claimed 3.8 rows and unclaimed 2.8 for
     every message sent (5,000 on PostgreSQL; docs "Throughput"). Overdue messages (past
@@ -465,10 +466,12 @@ async def send_all(
     (MISSED_SLOT, NOT_STARTED, NOT_OURS) when it wakes later than its allowed lateness, when the
     worker is stopping, or when its start cannot be recorded as this claim's.
 
-    A message's share of `room` (its account's requests in flight) is given back as soon as its
-    request is over or will not be made, not when the batch is recorded: the next claim's
-    requests go while this one's outcomes are written."""
-    client = transport.process_loop().wire()
+    A request waits for one of its account's request slots (transport `request_slot`) just
+    before its start is recorded. A message's share of `room` (what its account may hold claimed
+    in the process) is given back as soon as its request is over or will not be made, not when
+    the batch is recorded: the next claim's requests go while this one's outcomes are written."""
+    loop = transport.process_loop()
+    client = loop.wire()
     send_at = send_at or {}
 
     async def one(m: Message) -> object:
@@ -487,21 +490,22 @@ async def send_all(
         lead = MARK_LEAD if slack is not None and adapter.idempotent_retry else 0.0
         if at - lead - time.monotonic() > 0:
             await asyncio.sleep(at - lead - time.monotonic())
-        if stopping is not None and stopping.is_set():
-            return NOT_STARTED
-        if slack is not None and time.monotonic() > at + slack:
-            return MISSED_SLOT
-        if starts is not None:
-            started = await starts.start(m.id)
-            if started is not STARTED:
-                return started
-        if at - time.monotonic() > 0:
-            await asyncio.sleep(at - time.monotonic())
-        if slack is not None and time.monotonic() > at + slack:
-            if starts is not None:  # the store was slow to record the start: nothing left, say so first
-                await starts.unstart(m.id)
-            return MISSED_SLOT
-        return await adapter.send(client, outbound(m))
+        async with loop.request_slot(m.provider):  # the account's requests in flight in this process
+            if stopping is not None and stopping.is_set():
+                return NOT_STARTED
+            if slack is not None and time.monotonic() > at + slack:
+                return MISSED_SLOT
+            if starts is not None:
+                started = await starts.start(m.id)
+                if started is not STARTED:
+                    return started
+            if at - time.monotonic() > 0:
+                await asyncio.sleep(at - time.monotonic())
+            if slack is not None and time.monotonic() > at + slack:
+                if starts is not None:  # the store was slow to record the start: nothing left, say so first
+                    await starts.unstart(m.id)
+                return MISSED_SLOT
+            return await adapter.send(client, outbound(m))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
 

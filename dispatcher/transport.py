@@ -1,8 +1,12 @@
 """The HTTP edge: one event loop per process, a Wire for sends, and a shared httpx client over aiohttp.
 
-It also counts requests in flight per provider account (`room()`, a Room given back in one
-place) so that a slow provider fills only its own share of the process, and runs work in the
-background (`submit`) so that a Celery task need not wait for its HTTP requests.
+It also counts messages claimed and not yet sent per provider account (`room()`, a Room given
+back in one place) and caps the requests in flight per account (`request_slot()`), so that a
+slow provider fills only its own share of the process, and runs work in the background
+(`submit`) so that a Celery task need not wait for its HTTP requests. A process may claim up
+to `claim_ahead` messages more than it has request slots: the next batch is claimed, admitted
+and ready while the current one's requests are still out, so a request slot never idles for
+the length of a claim (docs/throughput.md).
 
 Celery runs tasks in ordinary (prefork or thread) workers; the sends of a task run here,
 on a long-lived event loop in a daemon thread, so a process keeps hundreds of requests in
@@ -165,8 +169,10 @@ class Room:
 class LoopThread:
     """An asyncio loop in a daemon thread; `run(coro)` executes on it from any thread."""
 
-    def __init__(self, in_flight: int = 256) -> None:
-        self.in_flight = in_flight
+    def __init__(self, in_flight: int = 256, claim_ahead: int = 0) -> None:
+        self.in_flight = in_flight  # requests in flight per account (request_slot)
+        self.claim_cap = in_flight + claim_ahead  # messages held per account, claimed or sending (room)
+        self._requests: dict[str, asyncio.Semaphore] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
         self._thread.start()
@@ -194,6 +200,13 @@ class LoopThread:
             self._wire = Wire(self.in_flight)
         return self._wire
 
+    def request_slot(self, account: str) -> asyncio.Semaphore:
+        """The account's cap of requests in flight in this process; use only on this loop."""
+        slot = self._requests.get(account)
+        if slot is None:
+            slot = self._requests[account] = asyncio.Semaphore(self.in_flight)
+        return slot
+
     def submit(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> concurrent.futures.Future:
         """Start `factory()` on the loop and return at once; close() waits for it."""
         future = asyncio.run_coroutine_threadsafe(factory(), self._loop)
@@ -207,7 +220,7 @@ class LoopThread:
             self._background.discard(future)
 
     def room(self, wanted: dict[str, int], timeout: float) -> "Room":
-        """Take room for requests in flight, per account, waiting at most `timeout` s in all for
+        """Take room for messages to claim, per account, waiting at most `timeout` s in all for
         each account to have room for its whole want (or its whole share, if it wants more);
         each account gets what is free then. Use it as a context manager: what it still holds
         is given back on exit, whatever happens."""
@@ -216,10 +229,10 @@ class LoopThread:
         try:
             for account, n in wanted.items():
                 with self._lock:
-                    need = min(n, self.in_flight)
-                    self._room.wait_for(lambda: self.in_flight - self._busy[account] >= need,
+                    need = min(n, self.claim_cap)
+                    self._room.wait_for(lambda: self.claim_cap - self._busy[account] >= need,
                                         max(deadline - time.monotonic(), 0.0))
-                    granted = max(0, min(n, self.in_flight - self._busy[account]))
+                    granted = max(0, min(n, self.claim_cap - self._busy[account]))
                     self._busy[account] += granted
                 room.held[account] += granted
         except BaseException:
@@ -271,7 +284,7 @@ def process_loop(in_flight: int = 256) -> LoopThread:
     with _guard:
         loop = _loops.get(pid)
         if loop is None:
-            loop = LoopThread(in_flight)
+            loop = LoopThread(in_flight, claim_ahead=in_flight)
             _loops[pid] = loop
     return loop
 

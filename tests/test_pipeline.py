@@ -163,7 +163,7 @@ def test_a_batch_claims_only_what_fits_in_flight_and_leaves_the_rest_queued_unto
     before = {mid: dispatcher.get(mid) for mid in ids}
     loop = transport.process_loop(runtime.settings().in_flight)
     requeued: dict[str, float] = {}
-    with loop.room({"alerts": loop.in_flight - 2 - loop.busy("alerts")}, 0):  # room for two more only
+    with loop.room({"alerts": loop.claim_cap - 2 - loop.busy("alerts")}, 0):  # room for two more only
         report = dispatch.dispatch_batch(ids, enqueue=lambda mids, delay: requeued.update(dict.fromkeys(mids, delay)))
     sent = sorted(report.statuses)
     assert report.claimed == 2 and set(report.statuses.values()) == {"accepted"}
