@@ -458,7 +458,10 @@ class Adapter:
         return read_standard_rate_headers(response)
 
     async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
-        """Build, sign, post and judge one message. Network errors become RetryLater here."""
+        """Build, sign, post and judge one message. Network errors become RetryLater here.
+
+        `client` is an httpx.AsyncClient or the worker's transport.Wire (the same `send(request,
+        auth=)` and `timeout`, without httpx's client layers; docs/throughput.md)."""
         request = self.build_request(msg)
         request.extensions.setdefault("timeout", self.timeouts(client))
         started = time.perf_counter()
