@@ -33,3 +33,18 @@ def rate_log(account: str) -> str:
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"
+
+
+def beat_tick() -> str:
+    """When the beat's tick last ran (seconds since epoch, a string); `dispatcher health` reads it."""
+    return f"{prefix()}:beat:last_tick"
+
+
+def beat_lock() -> str:
+    """Held (SET NX PX, renewed) by the one beat process allowed to publish ticks."""
+    return f"{prefix()}:beat:lock"
+
+
+def activity(bucket: int) -> str:
+    """Hash of "account|what" -> count for one 10-second bucket of sends (`dispatcher stats`)."""
+    return f"{prefix()}:activity:{bucket}"

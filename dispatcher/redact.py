@@ -26,3 +26,8 @@ def hide_url_secrets(value: object) -> object:
     if not isinstance(value, str):
         return value
     return _URL_TOKEN.sub(r"\1***", value)
+
+
+def hide_password(url: str) -> str:
+    """A database or broker URL with its password starred: 'redis://u:***@host/0'."""
+    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Callable
 
-from . import runtime
+from . import health, runtime
 from .config import Settings
 from .recurring import fire_due
 from .store import queries
@@ -58,6 +58,7 @@ def tick(
 
         enqueue = enqueue_ids
     now = clock()
+    health.record_tick(s.redis_url)  # `dispatcher health`: the beat is alive while this is fresh
     report = TickReport()
     report.recurring = fire_due(now)
     with session_scope(s.database_url) as db:

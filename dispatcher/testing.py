@@ -32,7 +32,8 @@ class WorkerProcesses:
         for i in range(self.count):
             log = open(os.path.join(self.logdir, f"worker{i}.log"), "w")
             self.procs.append(subprocess.Popen(
-                [*cmd, "worker", "--loglevel", self.loglevel, "-c", str(self.concurrency), "-n", f"w{i}-{os.getpid()}@%h",
+                [*cmd, "worker", "--processes", "1", "--loglevel", self.loglevel, "-c", str(self.concurrency),
+                 "-n", f"w{i}-{os.getpid()}@%h",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT))
         if self.beat:
