@@ -293,7 +293,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.once:
         from rich.console import Console
 
-        Console().print(statsview.table(statsview.snapshot()))
+        Console(width=None if sys.stdout.isatty() else 132).print(statsview.table(statsview.snapshot()))
         return EXIT_OK
     statsview.live(args.interval)
     return EXIT_OK
