@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 
@@ -230,3 +231,34 @@ def test_only_one_beat_holds_the_lock_and_a_waiting_one_takes_over(redis_url, re
     wait_for(lambda: second_lost, timeout=5)  # the beat is told to stop rather than tick beside another
     waiting.close()
     assert redis_client.get(key) == b"someone-else"  # a holder never releases a lock it no longer holds
+
+
+# --------------------------------------------------------------------------- polls and webhooks
+def test_status_polls_and_webhook_reports_are_counted(dispatcher_env, sandbox, broker_down, receiver):
+    from prometheus_client import REGISTRY
+
+    from dispatcher.dispatch import dispatch_batch
+    from dispatcher.status import poll
+    from dispatcher.store.models import utcnow
+
+    def count(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    polls_before = count("dispatcher_status_polls_total", account="alerts", result="ok")
+    accepted_before = count("dispatcher_sends_total", account="alerts", outcome="accepted", code="")
+    msg = dispatcher.send("alerts", PHONE, "poll me")
+    dispatch_batch([msg.id])
+    assert count("dispatcher_sends_total", account="alerts", outcome="accepted", code="") == accepted_before + 1
+    assert poll(clock=lambda: utcnow() + timedelta(seconds=5)).requests == 1
+    assert count("dispatcher_status_polls_total", account="alerts", result="ok") == polls_before + 1
+
+    refused_before = count("dispatcher_webhook_reports_total", account="alerts", status="401")
+    unknown_before = count("dispatcher_webhook_reports_total", account="(unknown)", status="404")
+    for path in ("/webhooks/alerts?token=wrong", "/webhooks/no-such-account", "/webhooks/another-one"):
+        request = urllib.request.Request(f"{receiver.url}{path}", data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=5)
+        except urllib.error.HTTPError:
+            pass
+    assert count("dispatcher_webhook_reports_total", account="alerts", status="401") == refused_before + 1
+    assert count("dispatcher_webhook_reports_total", account="(unknown)", status="404") == unknown_before + 2
