@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter as Tally
 from typing import Any, Awaitable, Callable, Iterable, Sequence
@@ -64,6 +65,9 @@ def sends_settled(messages: Sequence[Any], settlements: Sequence[Any]) -> None:
             if latency > 0:
                 SEND_LATENCY.labels(m.provider).observe(latency / 1000.0)
             tally[(m.provider, outcome)] += 1
+        with _pending_lock:
+            tally.update(_pending)
+            _pending.clear()
         _add_activity(tally)
     except Exception:  # noqa: BLE001 - see the module docstring
         log.exception("metrics: could not count %d settled send(s)", len(settlements))
@@ -78,16 +82,25 @@ def _outcome(st: Any) -> str | None:
 
 
 def limiter_waits(account: str, delays: Iterable[float], deferred: int) -> None:
-    """Time granted sends wait for their slot, and how many found none (dispatch.py `admit`)."""
+    """Time granted sends wait for their slot, and how many found none (dispatch.py `admit`).
+
+    It runs between a rate-limit reservation and the sends it booked, so it touches memory
+    only: the deferred count reaches Redis (`dispatcher stats`) with the next batch's outcomes.
+    """
     try:
         waited = sum(d for d in delays if d > 0)
         if waited:
             THROTTLE_WAIT.labels(account).inc(waited)
         if deferred:
             DEFERRED.labels(account).inc(deferred)
-            _add_activity(Tally({(account, "deferred"): deferred}))
+            with _pending_lock:
+                _pending[(account, "deferred")] += deferred
     except Exception:  # noqa: BLE001
         log.exception("metrics: could not count rate-limit waits of %s", account)
+
+
+_pending: Tally[tuple[str, str]] = Tally()  # activity counts waiting for the next sends_settled
+_pending_lock = threading.Lock()
 
 
 def status_polled(account: str, result: object) -> None:
