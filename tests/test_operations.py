@@ -262,3 +262,36 @@ def test_status_polls_and_webhook_reports_are_counted(dispatcher_env, sandbox, b
             pass
     assert count("dispatcher_webhook_reports_total", account="alerts", status="401") == refused_before + 1
     assert count("dispatcher_webhook_reports_total", account="(unknown)", status="404") == unknown_before + 2
+
+
+def test_a_second_dispatcher_beat_waits_and_takes_over_when_the_first_stops(worker_env, redis_client, tmp_path):
+    from dispatcher import keys
+
+    env = dict(worker_env)
+    lock = f"{env['DISPATCHER_REDIS_PREFIX']}:beat:lock"
+    assert lock.endswith(keys.beat_lock().split(":", 1)[1])
+
+    def beat(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "beat", "--loglevel", "INFO",
+                                 "-s", str(tmp_path / f"{name}-schedule")], env=env,
+                                stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+
+    first = beat("first")
+    second = None
+    try:
+        holder = wait_for(lambda: redis_client.get(lock), timeout=60).decode()
+        assert holder.split(":")[1] == str(first.pid)
+        second = beat("second")
+        wait_for(lambda: "another beat holds the lock" in (tmp_path / "second.log").read_text(), timeout=60)
+        assert redis_client.get(lock).decode() == holder  # the second one does not tick
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+        taken = wait_for(lambda: (lambda v: v if v and v.decode() != holder else None)(redis_client.get(lock)),
+                         timeout=15).decode()
+        assert taken.split(":")[1] == str(second.pid)
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+        redis_client.delete(lock)
