@@ -32,7 +32,7 @@ def add(counts: Counter[tuple[str, str]], redis_url: str, clock: Callable[[], fl
         return
     key = keys.activity(bucket_of(clock()))
     try:
-        pipe = shared(redis_url).pipeline(transaction=False)
+        pipe = shared(redis_url, timeout=0.5).pipeline(transaction=False)  # never hold up a batch's record
         for (account, what), n in counts.items():
             pipe.hincrby(key, f"{account}|{what}", n)
         pipe.expire(key, KEEP)

@@ -295,7 +295,10 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
         Console(width=None if sys.stdout.isatty() else 132).print(statsview.table(statsview.snapshot()))
         return EXIT_OK
-    statsview.live(args.interval)
+    try:
+        statsview.live(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how a live view ends
+        pass
     return EXIT_OK
 
 

@@ -84,6 +84,7 @@ class Supervisor:
         self.count, self.celery_args = count, celery_args
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("MALLOC_ARENA_MAX", "2")  # see cli._run_celery; saves each process a re-exec
+        self.env.pop("DISPATCHER_METRICS_PORT", None)  # the supervisor serves the metrics, not each process
         self.children: dict[int, Child] = {}
         self.stopping = False
         self.failed = False

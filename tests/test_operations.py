@@ -69,11 +69,11 @@ def publish(env: dict, ids: list[str], batch_size: int = 1) -> None:
 def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(worker_env, sandbox, broker_down,
                                                                                tmp_path):
     port = free_port()
-    env = dict(worker_env, DISPATCHER_LOG_FORMAT="json")
+    env = dict(worker_env, DISPATCHER_LOG_FORMAT="json", DISPATCHER_METRICS_PORT=str(port))
     log_path = tmp_path / "worker.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "worker", "--processes", "2", "--metrics-port", str(port),
+            [sys.executable, "-m", "dispatcher.cli", "worker", "--processes", "2",
              "--loglevel", "INFO", "-c", "4", "--without-gossip", "--without-mingle", "--without-heartbeat"],
             env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
