@@ -246,6 +246,7 @@ def build_row(
         due_at=not_before if held else now,
         attempt_key=str(uuid.uuid4()),
         created_at=now,
+        enqueued_at=now,
         updated_at=now,
     )
 

@@ -3,15 +3,33 @@
 Producers (queue.py) publish through this app without importing the tasks, so the import
 graph follows the data: api -> queue -> celery_app, and worker -> dispatch -> ... -> queue.
 
-* Tasks carry message ids only; the store holds the truth.
-* acks_late + reject_on_worker_lost: a task whose worker died is delivered again, and the
-  compare-and-set claim makes the second delivery send nothing twice.
+The settings below are chosen together; the store, not the broker, is what guarantees
+"never twice, never lost" (recovery.py), so each setting only has to keep the broker's
+duplicates cheap and its losses short:
+
+* Tasks carry message ids only (task arguments never hold a body or a secret). A dispatch
+  task claims its messages and returns; the sends go on in the background (dispatch.py).
+* task_acks_late: a task is acknowledged when it returns, i.e. after its claim is committed.
+  A worker killed before that leaves the task unacknowledged; its messages are still `queued`.
+* task_reject_on_worker_lost: a task whose process died is rejected back to the queue rather
+  than acknowledged. Redelivery is harmless: the claim is a compare-and-set.
+* visibility_timeout (1 h) must exceed the longest countdown a task may carry, or the Redis
+  transport redelivers a waiting ETA task while its worker still holds it. Countdowns are capped
+  at 60 s (dispatch.BROKER_WAIT_MAX); longer waits are `scheduled` rows the beat releases. A
+  dead worker's unacknowledged tasks come back only after this hour; the store does not wait
+  for them: the reaper publishes that worker's queued messages again as soon as its heartbeat
+  stops (recovery.py), and the second delivery claims nothing.
+* worker_prefetch_multiplier 2 (x 16 threads): tasks take milliseconds, so a small prefetch
+  keeps threads fed; what a killed worker had prefetched is published again as above.
+* Time limits: none. The threads pool cannot enforce them; instead every wait inside a task is
+  bounded: room in the process (2 s), rate-limit slots (`throttle_wait`), each request (the
+  account's `timeout`), the record (dispatch.RECORD_PATIENCE).
+* Redis lost its data (restart without persistence): the queues are gone; the beat notices the
+  missing marker key and publishes every queued message again (recovery.resync_if_broker_lost).
 * The default pool is threads: every task of a process shares one event loop and one HTTP
   connection pool (transport.py), so a process keeps many requests in flight.
 * The broker is the Redis at DISPATCHER_REDIS_URL unless DISPATCHER_BROKER_URL names another
   (amqp://... for RabbitMQ); Redis stays the rate limiter's store either way.
-* Nothing waits long inside the broker: retry countdowns are capped (retry_cap, 60 s default)
-  and anything later waits in the store, released by the beat tick.
 """
 
 from __future__ import annotations

@@ -91,7 +91,10 @@ class Settings:
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
     schedule_grace: float = 3600.0  # a recurring occurrence missed by more than this is skipped
     throttle_wait: float = 2.0  # a batch reserves rate-limit slots at most this far ahead
-    lease_seconds: float = 300.0  # a claim older than this is settled by the reaper
+    lease_seconds: float = 300.0  # a claim older than this is settled by the reaper, whoever holds it
+    heartbeat_seconds: float = 2.0  # each worker process writes its heartbeat this often
+    worker_timeout: float = 10.0  # a worker silent this long is dead: the reaper settles its claims
+    lost_after: float = 60.0  # a queued message untouched this long past due has lost its task
     poll_seconds: float = 2.0  # beat interval of the delivery-status poll
     poll_first: float = 1.0  # seconds after acceptance before the first status poll
     poll_max_interval: float = 600.0  # polls back off (a quarter of the message's age) up to this

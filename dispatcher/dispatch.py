@@ -13,22 +13,35 @@ Every outcome of an attempt is settled in one place, `settle()`:
                            failed when the attempts are used up, expired past not_after
     an exception        -> unknown: the request may have gone; never re-sent blindly
 
-The claim (`queued -> sending`) is committed before any HTTP request, so a task delivered
-twice sends once. The HTTP requests of a batch run concurrently on the process's event
-loop (transport.py); a batch's claim is one UPDATE ... RETURNING, its record one executemany.
+A message's attempt is one claim, recorded in the store at each step (docs/failures.md):
+
+    claim       queued -> sending, naming the claim (token) and this worker process
+    start       started_at set, compare-and-set on the claim, just before the request is written;
+                a message whose start is not recorded is never sent
+    record      the outcome, written only while the same claim still holds the message
+
+so a task delivered twice sends once, a late result never lands on a later claim, and the
+reaper (recovery.py) can tell of a dead worker's claims which never started (sent again)
+from which may have reached the provider (asked, or `unknown`). The HTTP requests of a
+batch run concurrently on the process's event loop (transport.py); a batch's claim is one
+UPDATE ... RETURNING, its starts one UPDATE per turn of the loop, its record one executemany.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import math
+import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
-from . import metrics, runtime, transport
+from . import liveness, metrics, runtime, transport
 from .config import Settings
 from .errors import BrokerUnavailable
 from .logs import about
@@ -44,7 +57,12 @@ log = logging.getLogger("dispatcher.dispatch")
 REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
 BUSY_WAIT_MAX = 2.0  # seconds a task waits for its account to have room in this process
 BUSY_WAIT = 0.5  # seconds before messages of an account still at its in-flight cap try again
-MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit instant
+MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit instant: not sent
+NOT_STARTED = object()  # not sent: the worker is stopping, or its start could not be recorded
+NOT_OURS = object()  # not sent: the claim was taken from this worker (the reaper judged it dead)
+STARTED = object()
+MARK_LEAD = 0.02  # seconds before a reserved slot a start is recorded (kinds with a harmless resend)
+RECORD_PATIENCE = 120.0  # seconds a batch's record is retried while the store is away
 THROTTLE_LEAD = 0.25  # of throttle_wait: how early a throttled message comes back for its next slot
 BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
 
@@ -59,6 +77,16 @@ class BatchReport:
     retry_in: dict[str, float] = field(default_factory=dict)  # message id -> seconds until re-sent
 
 
+@dataclass
+class Claim:
+    """One claim statement's messages: its token, the worker holding it, and when it was made."""
+
+    token: str
+    worker: str
+    at: datetime
+    messages: list[Message]
+
+
 def dispatch_batch(
     ids: Sequence[str],
     *,
@@ -71,129 +99,289 @@ def dispatch_batch(
 
     With wait=False (the Celery task) it returns once the claim is committed and the sends are
     started on the process's event loop: the task's worker slot is free while the provider
-    answers, so a slow provider holds no slot another provider's messages need. The claim is
-    the durable record from then on: a worker that dies mid-send leaves `sending` rows that the
-    beat's reaper settles.
+    answers, so a slow provider holds no slot another provider's messages need. From then on
+    the claim is the durable record: a worker that dies mid-send leaves `sending` rows naming
+    it, which the reaper (recovery.py) settles once its heartbeat stops.
     """
     s = settings or runtime.settings()
     ensure_schema(s.database_url)
+    liveness.ensure_alive(s.database_url, s.heartbeat_seconds)  # registered before it claims anything
     report = BatchReport()
     loop = transport.process_loop(s.in_flight)
-    claimed, now = _claim_what_fits(ids, s, loop, clock, report, enqueue)
-    if not claimed:
-        return report
-    claimed.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
-    try:
-        transport.warm_up(s.in_flight)
-        for m in claimed:
-            runtime.adapter_for(m.provider)
-    except BaseException:
-        for m in claimed:
-            loop.give_back(m.provider, 1)
-        raise
-    # Reserve send instants only now that the claim is committed, so that they start at once:
-    # a send that goes later than its reserved instant would crowd the next one at the provider.
-    send_at, later = admit([(m.id, m.provider) for m in claimed], s, loop)
-    if later:
-        claimed = [m for m in claimed if m.id in send_at]
-        _postpone(later, now, s, enqueue)
-    report.claimed = len(claimed)
-    if not claimed:
-        return report
-
-    async def send_and_record() -> BatchReport:
+    with session_scope(s.database_url) as db:
+        waiting = queries.waiting(db, ids)
+    want: Counter[str] = Counter(row.provider for row in waiting if row.status == QUEUED)
+    with loop.room(want, BUSY_WAIT_MAX) as room:
+        claim = _claim_what_fits(waiting, room, s, clock, report, enqueue)
+        room.keep_only(Counter(m.provider for m in claim.messages))
+        if not claim.messages:
+            return report
         try:
-            results = await send_all(claimed, send_at)
-            return await asyncio.to_thread(_record, claimed, results, report, now, s, clock, enqueue)
-        finally:
-            for m in claimed:
-                loop.give_back(m.provider, 1)
-
+            transport.warm_up(s.in_flight)
+            for m in claim.messages:
+                runtime.adapter_for(m.provider)
+            # Reserve send instants only now that the claim is committed, so that they start at once:
+            # a send that goes later than its reserved instant would crowd the next one at the provider.
+            send_at, later = admit([(m.id, m.provider) for m in claim.messages], s, room)
+        except BaseException:
+            log.exception("dispatch failed between claim and send; handing back %d message(s) unstarted: %s",
+                          len(claim.messages), ",".join(m.id for m in claim.messages))
+            _hand_back(claim, {m.id: BUSY_WAIT for m in claim.messages}, s, enqueue)
+            raise
+        if later:
+            _hand_back(claim, later, s, enqueue)
+            claim.messages = [m for m in claim.messages if m.id in send_at]
+        report.claimed = len(claim.messages)
+        if not claim.messages:
+            return report
+        job = SendJob(claim, send_at, room.handover(), s, clock, enqueue, report)
     if wait:
-        return loop.run(send_and_record)
-    loop.submit(send_and_record)
+        return loop.run(job.run)
+    future = loop.submit(job.run)
+    future.add_done_callback(job.check)
     return report
 
 
-def _claim_what_fits(ids: Sequence[str], s: Settings, loop: transport.LoopThread, clock: Callable[[], datetime],
-                     report: BatchReport, enqueue: Callable[[list[str], float], None] | None
-                     ) -> tuple[list[Message], datetime]:
+def _claim_what_fits(waiting: Sequence, room: transport.Room, s: Settings, clock: Callable[[], datetime],
+                     report: BatchReport, enqueue: Callable[[list[str], float], None] | None) -> Claim:
     """Room first, claim second: claim only what this process can send now.
 
-    Room is the per-account cap of requests in flight (`loop.reserve`, waiting up to
-    BUSY_WAIT_MAX for it). Messages without room are not written to; they go back to the
-    broker in a new task. Claiming whole batches and giving back (`sending -> queued`) what
-    found no room claimed 3.8 rows and unclaimed 2.8 for every message sent (5,000 on
-    PostgreSQL; README "Throughput"). Overdue messages (past not_after) expire here. The room
-    of every claimed message stays taken; it is given back when its send is recorded.
+    Room is the per-account cap of requests in flight (`room`, taken waiting up to BUSY_WAIT_MAX).
+    Messages without room are not written to; they go back to the broker in a new task. Claiming
+    whole batches and giving back what found no room claimed 3.8 rows and unclaimed 2.8 for
+    every message sent (5,000 on PostgreSQL; docs "Throughput"). Overdue messages (past
+    not_after) expire here.
     """
-    with session_scope(s.database_url) as db:
-        waiting = queries.waiting(db, ids)
-    by_account: dict[str, list[str]] = {}
-    for row in waiting:
-        if row.status == QUEUED:
-            by_account.setdefault(row.provider, []).append(row.id)
-    chosen: dict[str, str] = {}  # id -> account, with room taken for it
+    left = Counter(room.held)
+    chosen: list[str] = []
     busy: dict[str, float] = {}  # id -> seconds until it is tried again (still queued, untouched)
-    try:
-        for account, mids in by_account.items():
-            room = loop.reserve(account, len(mids), BUSY_WAIT_MAX)
-            chosen.update((mid, account) for mid in mids[:room])
-            busy.update((mid, BUSY_WAIT) for mid in mids[room:])
-        now = clock()
-        overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
-        with session_scope(s.database_url) as db:
-            if overdue:
-                report.expired = queries.expire_overdue(db, overdue, now)
-            claimed = queries.claim(db, list(chosen), now)
-    except BaseException:
-        for account in chosen.values():
-            loop.give_back(account, 1)
-        raise
-    for m in claimed:
-        chosen.pop(m.id)
-    for account in chosen.values():  # room taken for a message someone else claimed (or cancelled) meanwhile
-        loop.give_back(account, 1)
+    for row in waiting:
+        if row.status != QUEUED:
+            continue
+        if left[row.provider] > 0:
+            left[row.provider] -= 1
+            chosen.append(row.id)
+        else:
+            busy[row.id] = BUSY_WAIT
+    now = clock()
+    claim = Claim(uuid.uuid4().hex, liveness.worker_id(), now, [])
+    overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
+    with session_scope(s.database_url) as db:
+        if overdue:
+            report.expired = queries.expire_overdue(db, overdue, now)
+        claim.messages = list(queries.claim(db, chosen, now, claim.token, claim.worker))
+    claim.messages.sort(key=lambda m: (m.created_at, m.id))  # first in, first out within an account
     if busy:
         try:
             _requeue(busy, enqueue)
         except BrokerUnavailable as exc:
             log.warning("could not re-enqueue %d message(s) waiting for room (%s); the beat will", len(busy), exc)
-    return claimed, now
+    return claim
 
 
-def _record(claimed: Sequence[Message], results: Sequence[SendResult | BaseException | object], report: BatchReport,
-            now: datetime, s: Settings, clock: Callable[[], datetime],
-            enqueue: Callable[[list[str], float], None] | None) -> BatchReport:
-    """Settle and store the outcome of every send of a batch (runs in a thread beside the loop)."""
-    missed = {m.id: 0.05 for m, r in zip(claimed, results) if r is MISSED_SLOT}
-    if missed:  # woke too late for its reserved instant: give it back rather than crowd the next
-        _postpone(missed, now, s, enqueue)
-        kept = [(m, r) for m, r in zip(claimed, results) if r is not MISSED_SLOT]
-        claimed, results = [m for m, _ in kept], [r for _, r in kept]
-        report.claimed -= len(missed)
-    _learn(claimed, results)
+class SendJob:
+    """The background half of a dispatch: start, send and record one claim's messages.
+
+    It owns the claim's room in the process and gives it back when its outcomes are stored.
+    Every message ends in one of: a recorded attempt (`settle`), handed back unstarted (the
+    rate-limit slot was missed, or the worker is stopping), or left alone (the claim was
+    taken from this worker meanwhile).
+    """
+
+    def __init__(self, claim: Claim, send_at: dict[str, tuple[float, float | None]], room: transport.Room,
+                 s: Settings, clock: Callable[[], datetime], enqueue: Callable[[list[str], float], None] | None,
+                 report: BatchReport) -> None:
+        self.claim, self.send_at, self.room, self.s = claim, send_at, room, s
+        self.clock, self.enqueue, self.report = clock, enqueue, report
+
+    async def run(self) -> BatchReport:
+        with self.room:
+            stopping = transport.process_loop().stopping
+            starts = Starts(self.s.database_url, self.claim.token, self.clock)
+            results = await send_all(self.claim.messages, self.send_at, starts, stopping)
+            await record_durably(self.s, lambda: _record(self.claim, results, self.report, self.s, self.clock,
+                                                         self.enqueue), [m.id for m in self.claim.messages])
+        return self.report
+
+    def check(self, future: "concurrent.futures.Future") -> None:
+        """Done-callback of the background run: a failure is logged with the ids it leaves `sending`."""
+        exc = future.exception() if not future.cancelled() else None
+        if future.cancelled() or exc is not None:
+            ids = [m.id for m in self.claim.messages]
+            log.error("send job of claim %s failed (%s); %d message(s) stay `sending` for the reaper: %s",
+                      self.claim.token, exc or "cancelled", len(ids), ",".join(ids),
+                      exc_info=(type(exc), exc, exc.__traceback__) if exc else None)
+
+
+class Starts:
+    """Records that claims' requests start (just before they are written), many at once.
+
+    Every send that reaches its instant in the same turn of the event loop joins one
+    compare-and-set UPDATE; only the ids it returns are sent. If the store cannot be written,
+    nothing is sent: a request never goes out unrecorded. A start recorded for a send that
+    then does not go (it woke too late for its slot) is taken back at once (`unstart`), so a
+    crash leaves it "never started" and it is sent again, not written off.
+    """
+
+    def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
+        self.url, self.token, self.clock = url, token, clock
+        self._marks = _Coalesced(self._mark)
+        self._unmarks = _Coalesced(self._unmark)
+
+    async def start(self, message_id: str) -> object:
+        """STARTED, NOT_OURS (the claim moved on) or NOT_STARTED (the store was unreachable)."""
+        return await self._marks.submit(message_id, STARTED)
+
+    async def unstart(self, message_id: str) -> None:
+        await self._unmarks.submit(message_id, STARTED)
+
+    def _mark(self, ids: list[str]) -> set[str]:
+        with session_scope(self.url) as db:
+            return queries.mark_started(db, ids, self.token, self.clock())
+
+    def _unmark(self, ids: list[str]) -> set[str]:
+        with session_scope(self.url) as db:
+            return queries.unmark_started(db, ids, self.token)
+
+
+class _Coalesced:
+    """Runs `write(ids) -> ids done` in a thread for every id submitted in one turn of the loop."""
+
+    def __init__(self, write: Callable[[list[str]], set[str]]) -> None:
+        self.write = write
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.flushing = False
+
+    async def submit(self, message_id: str, done: object) -> object:
+        """`done` if the write covered the id, NOT_OURS if it did not, NOT_STARTED if it failed."""
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((message_id, future))
+        if not self.flushing:
+            self.flushing = True
+            asyncio.ensure_future(self._flush(done))
+        return await future
+
+    async def _flush(self, done: object) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                ids = [mid for mid, _ in batch]
+                try:
+                    ours = await asyncio.to_thread(self.write, ids)
+                except Exception as exc:  # noqa: BLE001 - an unreachable store: the callers send nothing
+                    log.warning("could not record the start of %d message(s) (%s: %s): %s", len(ids),
+                                type(exc).__name__, exc, ",".join(ids))
+                    for _, f in batch:
+                        f.set_result(NOT_STARTED)
+                    continue
+                for mid, f in batch:
+                    f.set_result(done if mid in ours else NOT_OURS)
+        finally:
+            self.flushing = False
+
+
+async def record_durably(s: Settings, step: Callable[[], object], ids: Sequence[str]) -> None:
+    """Run a store step (in a thread) until it succeeds: a database that is busy, locked or away
+    for a while delays the record but never drops it. After RECORD_PATIENCE it gives up, loudly:
+    the messages stay `sending` under a live claim and the reaper's lease settles them."""
+    delay, deadline = 0.2, time.monotonic() + RECORD_PATIENCE
+    while True:
+        try:
+            await asyncio.to_thread(step)
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure is seen, with the ids it concerns
+            if time.monotonic() > deadline:
+                log.error("gave up recording %d message(s) after %.0fs (%s: %s): %s", len(ids), RECORD_PATIENCE,
+                          type(exc).__name__, exc, ",".join(ids))
+                raise
+            log.warning("recording %d message(s) failed (%s: %s); trying again in %.1fs: %s", len(ids),
+                        type(exc).__name__, str(exc)[:200], delay, ",".join(ids[:20]))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Settings,
+            clock: Callable[[], datetime], enqueue: Callable[[list[str], float], None] | None) -> BatchReport:
+    """Settle and store the outcome of every message of a claim (runs in a thread beside the loop).
+
+    Unstarted ones are handed back in the same transaction, so a retried record repeats nothing.
+    """
     finished = clock()
-    settlements = [settle(m, r, now, finished, s) for m, r in zip(claimed, results)]
+    missed = {m.id: (0.05 if r is MISSED_SLOT else 0.0) for m, r in zip(claim.messages, results)
+              if r is MISSED_SLOT or r is NOT_STARTED}
+    sent = [(m, r) for m, r in zip(claim.messages, results) if isinstance(r, (SendResult, BaseException))]
+    _learn(sent)
+    settlements = [_settle_safely(m, r, claim, finished, s) for m, r in sent]
     with session_scope(s.database_url) as db:
-        queries.record(db, settlements)
+        handed = _hand_back_in(db, claim.token, missed, finished)
+        _store(db, settlements)
+    report.claimed -= len(missed)
     for st in settlements:
         report.statuses[st.message_id] = st.values["status"]
         if st.values["status"] == QUEUED:
             report.retry_in[st.message_id] = max((st.values["due_at"] - finished).total_seconds(), 0.0)
-    _log_outcomes(claimed, settlements)
+    _log_outcomes([m for m, _ in sent], settlements)
+    retry = dict(report.retry_in)
+    retry.update({mid: missed[mid] for mid in handed if missed[mid] <= BROKER_WAIT_MAX})
     try:
-        _requeue(report.retry_in, enqueue)
+        _requeue(retry, enqueue)
     except BrokerUnavailable as exc:
-        log.warning("could not enqueue %d retry(ies) (%s); the beat will", len(report.retry_in), exc)
+        log.warning("could not enqueue %d retry(ies) (%s); the beat will", len(retry), exc)
     return report
 
 
+def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[no-untyped-def]
+    """Record a batch; if one row cannot be stored as it is, store the others and that one
+    reduced to its status, so that one bad value never drops the outcomes of the rest."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        with db.begin_nested():
+            queries.record(db, settlements)
+        return
+    except OperationalError:
+        raise  # the store is away or locked: record_durably tries the whole batch again
+    except DBAPIError as exc:
+        log.warning("a batch of %d outcome(s) could not be stored as one (%s); storing them one by one",
+                    len(settlements), type(exc).__name__)
+    for st in settlements:
+        try:
+            with db.begin_nested():
+                queries.record(db, [st])
+        except OperationalError:
+            raise
+        except DBAPIError as exc:
+            log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
+                      st.values["status"], type(exc).__name__)
+            with db.begin_nested():
+                queries.record(db, [_reduced(st)])
+
+
+def _reduced(st: queries.Settlement) -> queries.Settlement:
+    v = _fit(dict(st.values))
+    v.update(cost=None, cost_currency=None, provider_status=None)
+    return queries.Settlement(st.message_id, v, None, st.claim_token)
+
+
+_LIMITS = {"provider_ref": 200, "provider_status": 64, "error_code": 100, "cost_currency": 8, "error": 2000}
+
+
+def _fit(v: dict) -> dict:
+    """Provider words cut to their columns; a cost that is not a finite number dropped."""
+    for column, limit in _LIMITS.items():
+        if v.get(column) is not None:
+            v[column] = str(v[column])[:limit]
+    cost = v.get("cost")
+    if cost is not None and not (isinstance(cost, (int, float)) and math.isfinite(cost)):
+        v["cost"] = None
+    return v
+
+
 def admit(
-    waiting: Sequence[tuple[str, str]], s: Settings, loop: transport.LoopThread
+    waiting: Sequence[tuple[str, str]], s: Settings, room: transport.Room
 ) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
     """Ask the global limiter, once per account, for send instants for claimed messages whose
-    room in the process (`loop.reserve`) is already taken; room not used is given back.
+    room in the process is already taken (`room`); room not used is given back.
 
     Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
     {id: seconds until it should be tried again}). The lateness allowed is the limiter's
@@ -210,11 +398,11 @@ def admit(
         try:
             r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait)
         except RateLimiterUnavailable as exc:
-            loop.give_back(account, len(mids))
+            room.release(account, len(mids))
             log.warning("rate limiter unreachable (%s); %d message(s) of %s wait", exc, len(mids), account)
             later.update({mid: REDIS_DOWN_WAIT for mid in mids})
             continue
-        loop.give_back(account, len(mids) - r.granted)
+        room.release(account, len(mids) - r.granted)
         reserved_at = time.monotonic()
         slack = None if rate is None else r.slack
         admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
@@ -234,29 +422,35 @@ def admit(
     return admitted, later
 
 
-def _postpone(later: dict[str, float], now: datetime, s: Settings,
-              enqueue: Callable[[list[str], float], None] | None) -> None:
-    """Throttled messages are given back (`sending -> queued`, no attempt counted) to wait for
-    their turn without a worker slot; a long provider pause waits in the store as `scheduled`."""
-    soon = {mid: w for mid, w in later.items() if w <= BROKER_WAIT_MAX}
-    far = [mid for mid, w in later.items() if w > BROKER_WAIT_MAX]
-    by_wait: dict[float, list[str]] = {}
-    for mid, wait in later.items():
-        by_wait.setdefault(wait, []).append(mid)
+def _hand_back(claim: Claim, later: dict[str, float], s: Settings,
+               enqueue: Callable[[list[str], float], None] | None) -> None:
+    """Throttled messages are given back unstarted (no attempt counted) to wait for their turn
+    without a worker slot; a long provider pause waits in the store as `scheduled`."""
     with session_scope(s.database_url) as db:
-        for wait, mids in by_wait.items():  # one statement per distinct wait (usually one per account)
-            queries.unclaim(db, mids, now, now + timedelta(seconds=wait))
-        if far:  # the beat releases them when the pause is over
-            queries.postpone(db, far, now, now + timedelta(seconds=max(later[m] for m in far)), status=SCHEDULED)
+        handed = _hand_back_in(db, claim.token, later, claim.at)
+    soon = {mid: later[mid] for mid in handed if later[mid] <= BROKER_WAIT_MAX}
     try:
         _requeue(soon, enqueue)
     except BrokerUnavailable as exc:
         log.warning("could not re-enqueue %d throttled message(s) (%s); the beat will", len(soon), exc)
 
 
-def _learn(claimed: Sequence[Message], results: Sequence[SendResult | BaseException]) -> None:
+def _hand_back_in(db, token: str, later: dict[str, float], now: datetime) -> list[str]:  # type: ignore[no-untyped-def]
+    """Hand back claims of `token` that never started, each due `later[id]` seconds from now:
+    one statement per distinct wait (usually one per account)."""
+    by_wait: dict[float, list[str]] = {}
+    for mid, wait in later.items():
+        by_wait.setdefault(wait, []).append(mid)
+    handed: list[str] = []
+    for wait, mids in by_wait.items():
+        status = QUEUED if wait <= BROKER_WAIT_MAX else SCHEDULED  # the beat releases long waits
+        handed += queries.hand_back(db, mids, token, now, now + timedelta(seconds=wait), status=status)
+    return handed
+
+
+def _learn(sent: Sequence[tuple[Message, object]]) -> None:
     """Pass what providers said about their limits to the shared limiter (pauses every worker)."""
-    for m, r in zip(claimed, results):
+    for m, r in sent:
         if isinstance(r, SendResult) and r.rate is not None and r.rate.pause_until is not None:
             try:
                 runtime.limiter().learn(m.provider, r.rate)
@@ -265,19 +459,38 @@ def _learn(claimed: Sequence[Message], results: Sequence[SendResult | BaseExcept
 
 
 async def send_all(
-    messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None
-) -> list[SendResult | BaseException | object]:
+    messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None,
+    starts: "Starts | None" = None, stopping: threading.Event | None = None,
+) -> list[object]:
     """Send every message concurrently over the process's shared client, each at its reserved
-    instant; one that wakes later than its allowed lateness is not sent (MISSED_SLOT)."""
+    instant, once `starts` has recorded that its request may begin. A message is not sent
+    (MISSED_SLOT, NOT_STARTED, NOT_OURS) when it wakes later than its allowed lateness, when the
+    worker is stopping, or when its start cannot be recorded as this claim's."""
     client = transport.process_loop().client()
     send_at = send_at or {}
 
-    async def one(m: Message) -> SendResult | object:
+    async def one(m: Message) -> object:
         adapter = runtime.adapter_for(m.provider)
         at, slack = send_at.get(m.id, (0.0, None))
+        # Record the start a moment ahead of a reserved slot, so the store's latency never delays
+        # the send, where a start recorded for nothing is harmless (a resend under the same key);
+        # elsewhere at the slot itself, so a crash leaves the shortest "may have started" gap.
+        lead = MARK_LEAD if slack is not None and adapter.idempotent_retry else 0.0
+        if at - lead - time.monotonic() > 0:
+            await asyncio.sleep(at - lead - time.monotonic())
+        if stopping is not None and stopping.is_set():
+            return NOT_STARTED
+        if slack is not None and time.monotonic() > at + slack:
+            return MISSED_SLOT
+        if starts is not None:
+            started = await starts.start(m.id)
+            if started is not STARTED:
+                return started
         if at - time.monotonic() > 0:
             await asyncio.sleep(at - time.monotonic())
         if slack is not None and time.monotonic() > at + slack:
+            if starts is not None:  # the store was slow to record the start: nothing left, say so first
+                await starts.unstart(m.id)
             return MISSED_SLOT
         return await adapter.send(client, outbound(m))
 
@@ -297,15 +510,35 @@ def outbound(m: Message) -> OutboundMessage:
     )
 
 
-def settle(
-    m: Message, result: SendResult | BaseException, started: datetime, now: datetime, s: Settings
-) -> queries.Settlement:
+def _settle_safely(m: Message, result: object, claim: Claim, now: datetime, s: Settings) -> queries.Settlement:
+    """settle(), and if deciding fails (a bug, an odd provider value), the message is still
+    settled: an accepted answer stays accepted, anything else becomes `unknown` (it may have gone)."""
+    try:
+        return settle(m, result, claim, now, s)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - logged with the message id; the batch goes on
+        log.exception("message %s: could not settle its attempt's result; settling it from the outcome alone", m.id)
+        outcome = getattr(result, "outcome", None)
+        v = _unchanged(m, now)
+        v["key_exposed"] = True
+        if isinstance(outcome, Accepted):
+            v.update(status=ACCEPTED, accepted_at=now, due_at=None, error_code=None, error=None,
+                     provider_ref=outcome.provider_ref)
+        else:
+            v.update(status=UNKNOWN, finished_at=now, error_code="internal_error",
+                     error=f"its result could not be read ({type(exc).__name__})")
+        return queries.Settlement(m.id, _fit(v), _attempt(m, claim, None, v["status"], v["error_code"], v["error"], 0.0),
+                                  claim.token)
+
+
+def settle(m: Message, result: SendResult | BaseException, claim: Claim, now: datetime, s: Settings
+           ) -> queries.Settlement:
     """Decide the message's next state from one attempt's result (the one visible branch)."""
     v = _unchanged(m, now)
     if isinstance(result, BaseException):
-        v.update(status=UNKNOWN, error_code="internal_error", finished_at=now,
+        v.update(status=UNKNOWN, error_code="internal_error", finished_at=now, key_exposed=True,
                  error=f"send raised {type(result).__name__}: {result}"[:500])
-        return queries.Settlement(m.id, v, _attempt(m, started, None, "unknown", "internal_error", v["error"], 0.0))
+        return queries.Settlement(m.id, v, _attempt(m, claim, None, "unknown", "internal_error", v["error"], 0.0),
+                                  claim.token)
     outcome = result.outcome
     if isinstance(outcome, Accepted):
         v.update(status=ACCEPTED, provider_ref=outcome.provider_ref, accepted_at=now,
@@ -332,6 +565,8 @@ def settle(
         if outcome.retry_at is not None:
             delay = max(delay, outcome.retry_at - now.timestamp())
         due = now + timedelta(seconds=delay)
+        if outcome.ambiguous:
+            v["key_exposed"] = True  # the provider may hold this key: every later attempt reuses it
         if outcome.ambiguous and _unsafe_to_resend(m.provider, s):
             v.update(status=UNKNOWN, finished_at=now, error=(
                 f"the request may have reached the provider ({outcome.code}: {outcome.message}); "
@@ -346,14 +581,14 @@ def settle(
         else:
             # A short wait rides a Celery countdown; a long one waits in the store for the beat.
             v.update(status=QUEUED if delay <= BROKER_WAIT_MAX else SCHEDULED, due_at=due)
-            if not outcome.ambiguous:
+            if not v["key_exposed"]:  # a definite failure: the provider dropped this key, a new one is sent
                 v["attempt_key"] = str(uuid.uuid4())
     else:  # pragma: no cover - the Outcome union is closed
         raise TypeError(f"unknown outcome {outcome!r}")
     code = getattr(outcome, "code", None)
     detail = getattr(outcome, "message", None)
     return queries.Settlement(
-        m.id, v, _attempt(m, started, result.http_status, kind, code, detail, result.latency_ms)
+        m.id, _fit(v), _attempt(m, claim, result.http_status, kind, code, detail, result.latency_ms), claim.token
     )
 
 
@@ -375,19 +610,22 @@ def _has_status(account: str) -> bool:
 
 def _unchanged(m: Message, now: datetime) -> dict:
     return {
-        "status": m.status, "attempts": m.attempts, "due_at": m.due_at, "attempt_key": m.attempt_key, "provider_ref": m.provider_ref,
+        "status": m.status, "attempts": m.attempts, "due_at": m.due_at, "attempt_key": m.attempt_key,
+        "key_exposed": bool(m.key_exposed), "provider_ref": m.provider_ref,
         "provider_status": m.provider_status, "segments": m.segments, "cost": m.cost,
         "cost_currency": m.cost_currency, "error_code": m.error_code, "error": m.error,
-        "accepted_at": m.accepted_at, "finished_at": m.finished_at, "claimed_at": None, "updated_at": now,
+        "accepted_at": m.accepted_at, "finished_at": m.finished_at, "claimed_at": None, "claimed_by": None,
+        "updated_at": now,
     }
 
 
-def _attempt(m: Message, started: datetime, http_status: int | None, outcome: str, code: str | None,
+def _attempt(m: Message, claim: Claim, http_status: int | None, outcome: str, code: str | None,
              detail: str | None, latency_ms: float) -> dict:
     return {
-        "message_id": m.id, "number": m.attempts, "started_at": started, "http_status": http_status,
-        "outcome": outcome, "provider_code": code, "detail": (detail or None) and detail[:500],
-        "latency_ms": round(latency_ms, 2),
+        "message_id": m.id, "number": m.attempts, "started_at": claim.at, "http_status": http_status,
+        "outcome": outcome, "provider_code": code and str(code)[:100], "detail": (detail or None) and detail[:500],
+        "latency_ms": round(latency_ms, 2) if math.isfinite(latency_ms) else 0.0, "claim_token": claim.token,
+        "worker": claim.worker, "attempt_key": m.attempt_key, "request_started": True,
     }
 
 

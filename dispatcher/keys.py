@@ -48,3 +48,8 @@ def beat_lock() -> str:
 def activity(bucket: int) -> str:
     """Hash of "account|what" -> count for one 10-second bucket of sends (`dispatcher stats`)."""
     return f"{prefix()}:activity:{bucket}"
+
+
+def broker_epoch() -> str:
+    """A marker the beat sets once; if it is gone, Redis lost its data and every queued task with it."""
+    return f"{prefix()}:broker:epoch"

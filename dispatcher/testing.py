@@ -15,6 +15,8 @@ import tempfile
 import time
 from typing import Iterable, Mapping
 
+from .keys import TASK_DISPATCH
+
 SETTLED = {"accepted", "delivered", "failed", "rejected", "expired", "cancelled", "unknown"}
 
 
@@ -29,19 +31,44 @@ class WorkerProcesses:
 
     def __enter__(self) -> "WorkerProcesses":
         cmd = [sys.executable, "-m", "dispatcher.cli"]
-        for i in range(self.count):
-            log = open(os.path.join(self.logdir, f"worker{i}.log"), "w")
-            self.procs.append(subprocess.Popen(
-                [*cmd, "worker", "--processes", "1", "--loglevel", self.loglevel, "-c", str(self.concurrency),
-                 "-n", f"w{i}-{os.getpid()}@%h",
-                 "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        for _ in range(self.count):
+            self.spawn()
         if self.beat:
             log = open(os.path.join(self.logdir, "beat.log"), "w")
             self.procs.append(subprocess.Popen(
                 [*cmd, "beat", "--loglevel", self.loglevel, "-s", os.path.join(self.logdir, "beat-schedule")],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT))
         return self
+
+    def spawn(self) -> int:
+        """Start one more worker process; returns its index (its log is worker<i>.log)."""
+        i = len(self.procs)
+        log = open(os.path.join(self.logdir, f"worker{i}.log"), "w")
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "dispatcher.cli", "worker", "--processes", "1", "--loglevel", self.loglevel,
+             "-c", str(self.concurrency),
+             "-n", f"w{i}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        return i
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Send worker `i` a signal (SIGKILL by default: no shutdown code runs) and reap it."""
+        self.procs[i].send_signal(sig)
+        self.procs[i].wait(timeout=60)
+
+    def alive(self) -> list[int]:
+        return [i for i, p in enumerate(self.procs) if p.poll() is None]
+
+    def enqueue(self, ids: Iterable[str], countdown: float = 0.0, batch_size: int = 100) -> None:
+        """`dispatcher.queue.enqueue` for these workers' queues (the beat's and dispatch's seam)."""
+        ids, app = list(ids), self._app()
+        try:
+            with app.producer_or_acquire() as producer:
+                for start in range(0, len(ids), batch_size):
+                    app.send_task(TASK_DISPATCH, args=[ids[start:start + batch_size]], countdown=countdown or None,
+                                  producer=producer)
+        finally:
+            app.close()
 
     def _app(self):  # type: ignore[no-untyped-def]
         """A Celery app on the workers' own broker namespace (their DISPATCHER_REDIS_PREFIX)."""
@@ -52,15 +79,7 @@ class WorkerProcesses:
     def publish(self, ids: Iterable[str], batch_size: int = 100) -> None:
         """Enqueue dispatch tasks for `ids` where these workers (and only workers sharing their
         key prefix) consume them; pair with an environment of a prefix of its own."""
-        from .keys import TASK_DISPATCH
-
-        ids, app = list(ids), self._app()
-        try:
-            with app.producer_or_acquire() as producer:
-                for start in range(0, len(ids), batch_size):
-                    app.send_task(TASK_DISPATCH, args=[ids[start:start + batch_size]], producer=producer)
-        finally:
-            app.close()
+        self.enqueue(ids, 0.0, batch_size)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker answers a Celery ping: started, connected, consuming.

@@ -1,8 +1,8 @@
 """The HTTP edge: one event loop per process, and one shared async client over aiohttp.
 
-It also counts requests in flight per provider account (`take` / `give_back`) so that a slow
-provider fills only its own share of the process, and runs work in the background (`submit`)
-so that a Celery task need not wait for its HTTP requests.
+It also counts requests in flight per provider account (`room()`, a Room given back in one
+place) so that a slow provider fills only its own share of the process, and runs work in the
+background (`submit`) so that a Celery task need not wait for its HTTP requests.
 
 Celery runs tasks in ordinary (prefork or thread) workers; the sends of a task run here,
 on a long-lived event loop in a daemon thread, so a process keeps hundreds of requests in
@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 from collections import Counter
 from typing import Any, Callable, Coroutine, TypeVar
 
@@ -26,11 +27,12 @@ from httpx_aiohttp import AiohttpTransport
 T = TypeVar("T")
 
 
-def make_client(in_flight: int = 256, timeout: float = 10.0) -> httpx.AsyncClient:
+def make_client(in_flight: int = 256, timeout: float = 60.0) -> httpx.AsyncClient:
     """An AsyncClient over aiohttp with room for `in_flight` connections to each of many providers.
 
-    The pool is deliberately wide: the per-account cap (LoopThread.take) is what bounds work, so
+    The pool is deliberately wide: the per-account cap (LoopThread.room) is what bounds work, so
     that one slow provider holding its connections never starves another of a connection.
+    `timeout` caps every request; a send uses its account's own `timeout` below that cap.
     """
     limits = httpx.Limits(max_connections=in_flight * 16, max_keepalive_connections=in_flight * 2)
     return httpx.AsyncClient(
@@ -38,6 +40,45 @@ def make_client(in_flight: int = 256, timeout: float = 10.0) -> httpx.AsyncClien
         timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         trust_env=False,
     )
+
+
+class Room:
+    """Requests in flight taken from a LoopThread, per account: given back in one place.
+
+    `release(account, n)` gives back part early; `handover()` moves what is held to a new Room
+    (the background send that now owns it); `close()` (or leaving the `with` block) gives back
+    whatever is still held, once.
+    """
+
+    def __init__(self, loop: "LoopThread") -> None:
+        self._loop = loop
+        self.held: Counter[str] = Counter()
+
+    def release(self, account: str, count: int) -> None:
+        count = min(count, self.held[account])
+        if count > 0:
+            self.held[account] -= count
+            self._loop._give_back(account, count)
+
+    def keep_only(self, wanted: Counter[str]) -> None:
+        """Give back all but `wanted[account]` for every account held."""
+        for account in list(self.held):
+            self.release(account, self.held[account] - wanted[account])
+
+    def handover(self) -> "Room":
+        other = Room(self._loop)
+        other.held, self.held = self.held, Counter()
+        return other
+
+    def close(self) -> None:
+        for account in list(self.held):
+            self.release(account, self.held[account])
+
+    def __enter__(self) -> "Room":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class LoopThread:
@@ -53,6 +94,7 @@ class LoopThread:
         self._room = threading.Condition(self._lock)  # signalled when an account's requests finish
         self._busy: Counter[str] = Counter()  # requests in flight per provider account
         self._background: set[concurrent.futures.Future] = set()
+        self.stopping = threading.Event()  # set at shutdown: sends not yet started are handed back
 
     def run(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
         """Run the coroutine `factory()` on the loop and wait for its result."""
@@ -76,30 +118,31 @@ class LoopThread:
         with self._lock:
             self._background.discard(future)
 
-    def take(self, account: str, wanted: int) -> int:
-        """Count up to `wanted` more requests in flight for `account` (at most `in_flight` each);
-        returns how many were taken. One account at its cap never holds up another."""
-        with self._lock:
-            return self._grant(account, wanted)
+    def room(self, wanted: dict[str, int], timeout: float) -> "Room":
+        """Take room for requests in flight, per account, waiting at most `timeout` s in all for
+        each account to have room for its whole want (or its whole share, if it wants more);
+        each account gets what is free then. Use it as a context manager: what it still holds
+        is given back on exit, whatever happens."""
+        deadline = time.monotonic() + timeout
+        room = Room(self)
+        try:
+            for account, n in wanted.items():
+                with self._lock:
+                    need = min(n, self.in_flight)
+                    self._room.wait_for(lambda: self.in_flight - self._busy[account] >= need,
+                                        max(deadline - time.monotonic(), 0.0))
+                    granted = max(0, min(n, self.in_flight - self._busy[account]))
+                    self._busy[account] += granted
+                room.held[account] += granted
+        except BaseException:
+            room.close()
+            raise
+        return room
 
-    def give_back(self, account: str, count: int) -> None:
+    def _give_back(self, account: str, count: int) -> None:
         with self._lock:
             self._busy[account] -= count
             self._room.notify_all()
-
-    def reserve(self, account: str, wanted: int, timeout: float) -> int:
-        """Wait (at most `timeout` s) until `account` has room for `wanted` more requests (or for
-        its whole share, if `wanted` is more than that), then take what there is; returns how many."""
-        with self._lock:
-            need = min(wanted, self.in_flight)
-            self._room.wait_for(lambda: self.in_flight - self._busy[account] >= need, timeout)
-            return self._grant(account, wanted)
-
-    def _grant(self, account: str, wanted: int) -> int:
-        """Take up to `wanted` of `account`'s free room; the caller holds the lock."""
-        granted = max(0, min(wanted, self.in_flight - self._busy[account]))
-        self._busy[account] += granted
-        return granted
 
     def busy(self, account: str) -> int:
         with self._lock:
@@ -113,10 +156,12 @@ class LoopThread:
         return not not_done
 
     def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop starting sends, let those under way finish and be recorded, then stop the loop."""
         async def shutdown() -> None:
             if self._client is not None:
                 await self._client.aclose()
 
+        self.stopping.set()
         self.drain(drain_timeout)
         try:
             self.run(shutdown, timeout=5)

@@ -15,14 +15,24 @@ from .keys import TASK_DISPATCH, TASK_POLL, TASK_TICK
 
 __all__ = ["app", "create_app", "dispatch", "tick", "poll_status"]
 log = logging.getLogger("dispatcher.worker")
+STORE_DOWN_WAIT = 2.0  # seconds before a task that found the store unavailable runs again
 
 
 @app.task(name=TASK_DISPATCH, ignore_result=True)
 def dispatch(ids: list[str]) -> dict:
     """Claim, send and record the given messages (see dispatch.py)."""
-    from .dispatch import dispatch_batch
+    from sqlalchemy.exc import OperationalError
 
-    report = dispatch_batch(ids, wait=False)  # the sends go on in the background (dispatch.py)
+    from .dispatch import dispatch_batch
+    from .queue import enqueue
+
+    try:
+        report = dispatch_batch(ids, wait=False)  # the sends go on in the background (dispatch.py)
+    except OperationalError as exc:  # the store is away or locked: nothing was claimed, try again soon
+        log.warning("store unavailable (%s); %d message(s) tried again in %.0fs: %s", type(exc).__name__, len(ids),
+                    STORE_DOWN_WAIT, ",".join(ids[:20]))
+        enqueue(ids, STORE_DOWN_WAIT)
+        return {"claimed": 0, "store_down": True}
     return {"claimed": report.claimed, "expired": len(report.expired)}
 
 
@@ -44,9 +54,21 @@ def poll_status() -> dict:
     return asdict(poll())
 
 
+@signals.worker_shutting_down.connect
+def _stop_starting(**_: object) -> None:
+    """Warm shutdown (SIGTERM) begins: sends not yet started are handed back, not begun."""
+    from .transport import process_loop
+
+    process_loop().stopping.set()
+
+
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _close_loop(**_: object) -> None:
+    """Let the sends under way finish and be recorded, then leave: the heartbeat row goes last,
+    so anything still `sending` after the drain is settled by the reaper at once."""
+    from .liveness import retire
     from .transport import close_process_loop
 
     close_process_loop()
+    retire()

@@ -162,12 +162,9 @@ def test_a_batch_claims_only_what_fits_in_flight_and_leaves_the_rest_queued_unto
     ids = dispatcher.send_many([{"provider": "alerts", "to": "+14155550123", "text": f"m{i}"} for i in range(5)])
     before = {mid: dispatcher.get(mid) for mid in ids}
     loop = transport.process_loop(runtime.settings().in_flight)
-    held = loop.take("alerts", loop.in_flight - 2 - loop.busy("alerts"))  # room for two more only
     requeued: dict[str, float] = {}
-    try:
+    with loop.room({"alerts": loop.in_flight - 2 - loop.busy("alerts")}, 0):  # room for two more only
         report = dispatch.dispatch_batch(ids, enqueue=lambda mids, delay: requeued.update(dict.fromkeys(mids, delay)))
-    finally:
-        loop.give_back("alerts", held)
     sent = sorted(report.statuses)
     assert report.claimed == 2 and set(report.statuses.values()) == {"accepted"}
     assert sorted(requeued) == sorted(set(ids) - set(sent)) and all(dispatch.BUSY_WAIT <= d < 1 for d in requeued.values())

@@ -178,7 +178,7 @@ ANSWERS = [
     (429, {"detail": "Too many requests"}, RetryLater, "rate_limited", "Too many requests"),
     (500, {"detail": "Internal error"}, RetryLater, "http_500", "Internal error"),
     (502, "<html>bad gateway</html>", RetryLater, "http_502", "bad gateway"),
-    (200, {"status": "submitted"}, Rejected, "unexpected_response", "without a message id"),
+    (200, {"status": "submitted"}, RetryLater, "unreadable_answer", "cannot be read"),  # ambiguous: key reused
 ]
 
 

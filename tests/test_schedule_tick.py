@@ -17,17 +17,24 @@ class Enqueued(list):
         self.extend(ids)
 
 
-def test_a_claim_abandoned_mid_send_becomes_unknown_and_is_never_resent(dispatcher_env, sandbox, broker_down):
-    msg = dispatcher.send("alerts", "+14155550123", "worker dies after claiming")
-    with session_scope(runtime.settings().database_url) as db:  # a worker claims it, then is killed
-        [claimed] = queries.claim(db, [msg.id], utcnow())
+def test_a_claim_past_the_lease_is_settled_even_while_its_worker_still_beats(dispatcher_env, sandbox, broker_down):
+    """The lease is the backstop behind heartbeats: a live worker that never recorded its result."""
+    from dispatcher import liveness
+
+    msg = dispatcher.send("alerts", "+14155550123", "worker claims, starts, then never records")
+    liveness.ensure_alive(runtime.settings().database_url, 3600)  # this process beats: it is alive
+    with session_scope(runtime.settings().database_url) as db:
+        queries.claim(db, [msg.id], utcnow(), "stuck-claim", liveness.worker_id())
+        queries.mark_started(db, [msg.id], "stuck-claim", utcnow())
     lease = runtime.settings().lease_seconds
-    sent = Enqueued()
-    assert tick(clock=lambda: utcnow() + timedelta(seconds=lease / 2), enqueue=sent).reaped_unknown == 0
-    report = tick(clock=lambda: utcnow() + timedelta(seconds=lease + 1), enqueue=sent)
-    assert report.reaped_unknown == 1 and sent == []
+    sent, start = Enqueued(), utcnow()
+    for later in (lease / 2, lease + 1):  # the worker beats all along
+        liveness.beat(runtime.settings().database_url, start + timedelta(seconds=later))
+        report = tick(clock=lambda: start + timedelta(seconds=later), enqueue=sent)
+        assert report.reaped_unknown == (0 if later < lease else 1)
+    assert sent == []
     after = dispatcher.get(msg.id)
-    assert after.status == "unknown" and after.error_code == "lease_lost"
+    assert after.status == "unknown" and after.error_code == "worker_lost" and "lease" in after.error
     assert sandbox.requests("emsgnow") == []
 
 

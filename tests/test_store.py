@@ -42,6 +42,9 @@ def _add(url: str, n: int, **fields) -> list[str]:
     return [r["id"] for r in rows]
 
 
+TOKEN = "claim-1"
+
+
 def _status(url: str, mid: str) -> str:
     with session_scope(url) as db:
         return queries.get_message(db, mid).status
@@ -50,9 +53,9 @@ def _status(url: str, mid: str) -> str:
 def test_claim_moves_queued_to_sending_once(store_url):
     ids = _add(store_url, 3)
     with session_scope(store_url) as db:
-        first = queries.claim(db, ids, utcnow())
+        first = queries.claim(db, ids, utcnow(), TOKEN, "worker-1")
     with session_scope(store_url) as db:
-        second = queries.claim(db, ids, utcnow())
+        second = queries.claim(db, ids, utcnow(), TOKEN, "worker-1")
     assert sorted(m.id for m in first) == sorted(ids)
     assert all(m.status == "sending" and m.attempts == 1 for m in first)
     assert second == []
@@ -61,7 +64,7 @@ def test_claim_moves_queued_to_sending_once(store_url):
 def test_claim_skips_messages_not_yet_due(store_url):
     [mid] = _add(store_url, 1, due_at=utcnow() + timedelta(minutes=5))
     with session_scope(store_url) as db:
-        assert queries.claim(db, [mid], utcnow()) == []
+        assert queries.claim(db, [mid], utcnow(), TOKEN, "worker-1") == []
     assert _status(store_url, mid) == "queued"
 
 
@@ -72,7 +75,7 @@ def _claim_in_child(url: str, ids: list[str], out) -> None:  # type: ignore[no-u
     claimed = []
     for mid in ids:  # one claim per message, racing the other processes
         with session_scope(url) as db:
-            claimed += [m.id for m in queries.claim(db, [mid], utcnow())]
+            claimed += [m.id for m in queries.claim(db, [mid], utcnow(), TOKEN, "worker-1")]
     out.put(claimed)
 
 
@@ -111,7 +114,7 @@ def test_waiting_messages_past_not_after_expire(store_url):
     with session_scope(store_url) as db:
         assert queries.expire_overdue(db, None, now) == [gone]
     with session_scope(store_url) as db:
-        assert queries.claim(db, [gone, fine], now)[0].id == fine
+        assert queries.claim(db, [gone, fine], now, TOKEN, "worker-1")[0].id == fine
     assert _status(store_url, gone) == "expired"
 
 
@@ -119,7 +122,7 @@ def test_final_status_never_moves_back(store_url):
     [mid] = _add(store_url, 1, status="delivered")
     with session_scope(store_url) as db:
         assert not queries.set_status(db, mid, ["accepted"], {"status": "failed"})
-        assert queries.claim(db, [mid], utcnow()) == []
+        assert queries.claim(db, [mid], utcnow(), TOKEN, "worker-1") == []
     assert _status(store_url, mid) == "delivered"
 
 
@@ -143,12 +146,12 @@ def test_times_come_back_timezone_aware(store_url):
 
 def _settlement(mid: str, now, **values) -> queries.Settlement:
     unchanged = {c: None for c in queries._SETTLE_COLUMNS}
-    unchanged.update(claimed_at=None, updated_at=now, segments=0, attempts=1)
+    unchanged.update(claimed_at=None, updated_at=now, segments=0, attempts=1, key_exposed=False)
     unchanged.update(values)
     attempt = {"message_id": mid, "number": 1, "started_at": now, "http_status": values.get("http_status_", 200),
                "outcome": values["status"], "provider_code": values.get("error_code"), "detail": None, "latency_ms": 1.5}
     unchanged.pop("http_status_", None)
-    return queries.Settlement(mid, unchanged, attempt)
+    return queries.Settlement(mid, unchanged, attempt, TOKEN)
 
 
 def test_record_applies_each_message_its_own_outcome_in_one_batch(store_url):
@@ -156,7 +159,7 @@ def test_record_applies_each_message_its_own_outcome_in_one_batch(store_url):
     ids = _add(store_url, 5, due_at=now)
     accepted, retried, rejected, cancelled, reaped = ids
     with session_scope(store_url) as db:
-        assert len(queries.claim(db, ids, now)) == 5
+        assert len(queries.claim(db, ids, now, TOKEN, "worker-1")) == 5
     with session_scope(store_url) as db:  # meanwhile: one cancelled, one settled by the reaper
         assert queries.set_status(db, cancelled, ["sending"], {"status": "cancelled", "finished_at": now})
         assert queries.set_status(db, reaped, ["sending"], {"status": "unknown", "error_code": "lease_lost"})
@@ -193,7 +196,7 @@ def test_record_of_a_larger_batch_keeps_each_outcome_with_its_message(store_url)
     now = utcnow()
     ids = _add(store_url, 30, due_at=now)
     with session_scope(store_url) as db:
-        queries.claim(db, ids, now)
+        queries.claim(db, ids, now, TOKEN, "worker-1")
     batch = [_settlement(mid, now, status="accepted" if i % 2 else "rejected", provider_ref=f"r{i}")
              for i, mid in enumerate(ids)]
     with session_scope(store_url) as db:
@@ -211,7 +214,7 @@ def test_claim_takes_only_what_is_due_and_not_overdue_and_returns_the_rows(store
     [held] = _add(store_url, 1, status="scheduled", due_at=now)
     with session_scope(store_url) as db:
         waiting = queries.waiting(db, [due, later, overdue, held, "no-such-id"])
-        claimed = queries.claim(db, [due, later, overdue, held], now)
+        claimed = queries.claim(db, [due, later, overdue, held], now, TOKEN, "worker-1")
     assert sorted(w.id for w in waiting) == sorted([due, later, overdue, held])
     assert [(m.id, m.status, m.attempts, m.claimed_at, m.to) for m in claimed] == [(due, "sending", 1, now, "+14155550000")]
     assert [_status(store_url, i) for i in (later, overdue, held)] == ["queued", "queued", "scheduled"]

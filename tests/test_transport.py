@@ -10,12 +10,32 @@ from dispatcher.transport import LoopThread
 def test_each_account_gets_its_own_share_of_requests_in_flight():
     loop = LoopThread(in_flight=3)
     try:
-        assert loop.take("slow", 5) == 3  # capped at its share
-        assert loop.take("slow", 1) == 0
-        assert loop.take("fast", 2) == 2  # another account is untouched by the first being full
-        loop.give_back("slow", 2)
-        assert loop.take("slow", 5) == 2
+        slow = loop.room({"slow": 5, "fast": 2}, timeout=0)
+        assert dict(slow.held) == {"slow": 3, "fast": 2}  # capped at its share; the other account untouched
+        assert loop.room({"slow": 1}, timeout=0).held["slow"] == 0
+        slow.release("slow", 2)
+        assert loop.room({"slow": 5}, timeout=0).held["slow"] == 2
         assert (loop.busy("slow"), loop.busy("fast")) == (3, 2)
+    finally:
+        loop.close()
+
+
+def test_room_is_given_back_on_leaving_the_block_whatever_happens():
+    loop = LoopThread(in_flight=4)
+    try:
+        try:
+            with loop.room({"acct": 3}, timeout=0):
+                assert loop.busy("acct") == 3
+                raise RuntimeError("a step between claim and send failed")
+        except RuntimeError:
+            pass
+        assert loop.busy("acct") == 0  # nothing leaked
+        with loop.room({"acct": 3}, timeout=0) as room:
+            moved = room.handover()  # the background send owns it now: leaving the block keeps it
+        assert loop.busy("acct") == 3
+        moved.close()
+        moved.close()  # given back once, however often closed
+        assert loop.busy("acct") == 0
     finally:
         loop.close()
 
@@ -33,21 +53,22 @@ def test_close_waits_for_work_started_in_the_background():
     assert finished == [True]
 
 
-def test_reserve_waits_for_room_for_the_whole_batch_then_takes_what_there_is():
+def test_room_waits_for_the_whole_batch_then_takes_what_there_is():
     import threading
     import time
 
     loop = LoopThread(in_flight=10)
     try:
-        assert loop.reserve("acct", 4, timeout=1.0) == 4  # room at once
-        assert loop.reserve("acct", 30, timeout=0.0) == 6  # more than its share: what is left
-        threading.Timer(0.2, loop.give_back, args=("acct", 5)).start()
+        assert loop.room({"acct": 4}, timeout=1.0).held["acct"] == 4  # room at once
+        rest = loop.room({"acct": 30}, timeout=0.0)
+        assert rest.held["acct"] == 6  # more than its share: what is left
+        threading.Timer(0.2, rest.release, args=("acct", 5)).start()
         started = time.monotonic()
-        assert loop.reserve("acct", 5, timeout=5.0) == 5  # woke when five came back, not before
+        assert loop.room({"acct": 5}, timeout=5.0).held["acct"] == 5  # woke when five came back, not before
         assert 0.15 < time.monotonic() - started < 4.0
-        loop.give_back("acct", 3)
+        rest.release("acct", 1)
         started = time.monotonic()
-        assert loop.reserve("acct", 8, timeout=0.2) == 3  # gave up waiting for eight: took the three free
+        assert loop.room({"acct": 8}, timeout=0.2).held["acct"] == 1  # gave up waiting for eight: took what was free
         assert time.monotonic() - started >= 0.2 and loop.busy("acct") == 10
     finally:
         loop.close()

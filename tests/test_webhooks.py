@@ -360,7 +360,7 @@ def test_a_report_that_may_have_overtaken_its_send_is_asked_again_not_dropped(ho
     es = EsmsAfrica(sandbox, hooks)
     msg = dispatcher.send(es.account, es.to, "in flight")
     with runtime.session() as db:
-        queries.claim(db, [msg.id], utcnow())  # its send is under way: the provider's id is not stored yet
+        queries.claim(db, [msg.id], utcnow(), "claim-1", "worker-1")  # its send is under way: the provider's id is not stored yet
     report = json.dumps({"id": "not-recorded-yet", "status": "delivered"}).encode()
     answer = es.post(report)
     assert (answer.status_code, answer.headers["Retry-After"]) == (503, "1")  # the provider retries

@@ -9,7 +9,24 @@ An adapter is mostly declarations plus four pure pieces:
 * `read_rate(response)`           what the provider said about its rate limit, if anything.
 
 `send()` glues them together over an `httpx.AsyncClient` and maps network errors once,
-here at the edge. Nothing about queues, retries or storage lives in an adapter.
+here at the edge (`network_outcome`). Nothing about queues, retries or storage lives in an
+adapter. `lookup()` asks the provider, after a crash, whether a send that may have started
+arrived (`LookupResult`); kinds that cannot tell keep the default.
+
+How a failure reads (the case table per kind is tests/test_provider_faults.py):
+
+| what happened | outcome | why |
+|---|---|---|
+| no connection was made (DNS, refused, connect timeout, TLS handshake, waiting for a pooled connection) | RetryLater connect_error | provably nothing left: send again, with a fresh key |
+| anything after the connection existed: reset, closed, read timeout, a body that stopped mid-way | RetryLater timeout / network_error, ambiguous | the provider may have it: never a fresh key |
+| 500, 503 and other 5xx with the provider's answer | RetryLater | the provider said it failed |
+| 502, 504 | RetryLater, ambiguous | a gateway said so, not the provider: see `http_outcome` |
+| 2xx whose body cannot be read | per kind, see each adapter's docstring | success was said but not what it was |
+
+Strings an outcome carries into bounded columns of the store are bounded here, once
+(`Accepted`, `RetryLater`, `Rejected`, `DeliveryEvent`): codes 100 characters, provider
+statuses 64, currencies 8, event ids 200; a provider ref longer than 200 is not kept (a cut
+ref would name another message), its whole text goes to `detail["provider_ref_too_long"]`.
 """
 
 from __future__ import annotations
@@ -17,17 +34,50 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Generator
 
+import aiohttp
 import httpx
 
 from ..config import ProviderAccount
 from ..errors import ConfigError, InvalidOption, MissingField, TextTooLong, ValidationError
 from ..segments import count_segments
+
+
+# --------------------------------------------------------------------------- bounded strings
+# The widths of the store's columns these strings end in (dispatcher/store/models.py; a test
+# keeps the two in step). The adapter layer does not import the store.
+PROVIDER_REF_MAX = 200  # messages.provider_ref
+PROVIDER_STATUS_MAX = 64  # messages.provider_status, events.provider_status
+CODE_MAX = 100  # messages.error_code, attempts.provider_code
+CURRENCY_MAX = 8  # messages.cost_currency
+EVENT_ID_MAX = 200  # events.event_id
+
+
+def bounded(value: Any, limit: int) -> str | None:
+    """`value` as a string of at most `limit` characters (None stays None)."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text[:limit]
+
+
+def bounded_id(value: str, limit: int = EVENT_ID_MAX) -> str:
+    """An identifier of at most `limit` characters that stays distinct: a longer one keeps its
+    beginning and ends with a digest of the whole."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:24]
+    return f"{value[: limit - len(digest) - 1]}~{digest}"
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # the outcome dataclasses are frozen
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -42,19 +92,32 @@ class Accepted:
     provider_status: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        ref = self.provider_ref
+        if ref is not None and (not isinstance(ref, str) or len(ref) > PROVIDER_REF_MAX):
+            _set(self, "detail", {**self.detail, "provider_ref_too_long": str(ref)[:2000]})
+            _set(self, "provider_ref", None)
+        _set(self, "provider_status", bounded(self.provider_status, PROVIDER_STATUS_MAX))
+        _set(self, "cost_currency", bounded(self.cost_currency, CURRENCY_MAX))
+
 
 @dataclass(frozen=True)
 class RetryLater:
     """A transient failure: try again, not before `retry_at` (epoch seconds) when the provider said so.
 
-    `ambiguous` is True when the request may have reached the provider (a timeout after the
-    body was sent): a retry must then reuse the attempt's idempotency key where the kind has one.
+    `ambiguous` is True when the request may have reached the provider (anything after the
+    connection existed, see `network_outcome`): a retry must then reuse the attempt's
+    idempotency key where the kind has one, and an account with on_timeout = "unknown" whose
+    kind has none must not resend it at all.
     """
 
     code: str
     message: str = ""
     retry_at: float | None = None
     ambiguous: bool = False
+
+    def __post_init__(self) -> None:
+        _set(self, "code", bounded(self.code, CODE_MAX) or "")
 
 
 @dataclass(frozen=True)
@@ -63,6 +126,9 @@ class Rejected:
 
     code: str
     message: str = ""
+
+    def __post_init__(self) -> None:
+        _set(self, "code", bounded(self.code, CODE_MAX) or "")
 
 
 Outcome = Accepted | RetryLater | Rejected
@@ -108,6 +174,42 @@ class DeliveryEvent:
     occurred_at: datetime | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _set(self, "event_id", bounded_id(str(self.event_id)))
+        _set(self, "provider_status", bounded(self.provider_status, PROVIDER_STATUS_MAX) or "")
+
+
+# --------------------------------------------------------------------------- lookup after a crash
+FOUND, ABSENT, CANNOT_TELL = "found", "absent", "cannot_tell"
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What the provider says about a message whose request may have started before a crash.
+
+    * `found`: the provider has it; `accepted` reads exactly as if the lost answer had been an
+      Accepted (provider ref, status), so it can be recorded the same way.
+    * `absent`: the provider's own list proves it never arrived: it may be sent (again).
+    * `cannot_tell`: the kind cannot look a message up, or the look-up failed or was not
+      conclusive; `reason` says which, for the log and the message's error.
+    """
+
+    state: str  # FOUND | ABSENT | CANNOT_TELL
+    accepted: "Accepted | None" = None
+    reason: str = ""
+
+    @classmethod
+    def found(cls, accepted: "Accepted", reason: str = "") -> "LookupResult":
+        return cls(FOUND, accepted, reason)
+
+    @classmethod
+    def absent(cls, reason: str) -> "LookupResult":
+        return cls(ABSENT, None, reason)
+
+    @classmethod
+    def cannot_tell(cls, reason: str) -> "LookupResult":
+        return cls(CANNOT_TELL, None, reason)
+
 
 @dataclass(frozen=True)
 class OutboundMessage:
@@ -132,13 +234,26 @@ def utc_iso(dt: datetime, *, millis: bool = False) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MAX_AHEAD = 86_400.0  # seconds: a provider's time further ahead than a day is read as a day ahead
+
+
 def parse_time(value: Any, now: float | None = None) -> float | None:
-    """A reset / retry time as epoch seconds.
+    """A reset / retry / event time as epoch seconds.
 
     Accepts a delta in seconds (small numbers), a Unix timestamp in seconds or milliseconds,
-    an ISO 8601 string, or an HTTP date. Returns None when it cannot be read.
+    an ISO 8601 string, or an HTTP date. Returns None when it cannot be read, and for nan or
+    an infinity (`Retry-After: nan` is as good as no Retry-After). A time more than MAX_AHEAD
+    (a day) ahead of `now` is read as `now + MAX_AHEAD`: no provider pauses an account for
+    weeks, and a value that says so is a bug of theirs, not a reason to stop for a year.
     """
     now = time.time() if now is None else now
+    at = _read_time(value, now)
+    if at is None or not math.isfinite(at):
+        return None
+    return min(at, now + MAX_AHEAD)
+
+
+def _read_time(value: Any, now: float) -> float | None:
     if value is None or value == "":
         return None
     text = str(value).strip()
@@ -147,6 +262,8 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     except ValueError:
         number = None
     if number is not None:
+        if not math.isfinite(number):
+            return None
         if number >= 1e12:
             return number / 1000.0
         if number >= 1e9:
@@ -157,11 +274,11 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         return dt.timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     try:
         return email.utils.parsedate_to_datetime(text).timestamp()
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
 
 
@@ -188,11 +305,35 @@ def _int_or_none(value: str | None) -> int | None:
         return None
 
 
+# 502 Bad Gateway and 504 Gateway Timeout are said by a proxy in front of the provider, not by
+# the provider: the proxy lost the answer (the service closed or reset the connection, or did
+# not answer in time) and cannot know whether the service took the message. That is the
+# same ambiguity as our own read timeout, so they read as ambiguous for every kind:
+# - esimfly, eSMS Africa (idempotent): the retry reuses the attempt key, which costs nothing
+#   and turns a message that did arrive into DUPLICATE_REQUEST / the original answer instead
+#   of a second SMS;
+# - eMsgNow, eSIM Access, emnify: nothing changes unless the account asked on_timeout =
+#   "unknown", whose owner chose an `unknown` over a risk of a duplicate: this is such a risk.
+# Every other 5xx (500, 503, ...) is the provider's own answer that it failed: retried with a
+# fresh key. (A provider that fails after acting and then says 500 breaks its own contract.)
+GATEWAY_STATUSES = (502, 504)
+
+
 def http_outcome(status: int, code: str, message: str, retry_at: float | None = None) -> Outcome:
-    """The usual reading of an HTTP error status: 408/425/429/5xx retry, other 4xx reject."""
+    """The usual reading of an HTTP error status: 408/425/429/5xx retry, other 4xx reject.
+
+    502 and 504 retry as ambiguous (see GATEWAY_STATUSES)."""
     if status in (408, 425, 429) or status >= 500:
-        return RetryLater(code=code or f"http_{status}", message=message, retry_at=retry_at)
+        return RetryLater(code=code or f"http_{status}", message=message, retry_at=retry_at,
+                          ambiguous=status in GATEWAY_STATUSES)
     return Rejected(code=code or f"http_{status}", message=message)
+
+
+def unreadable_success(response: httpx.Response) -> RetryLater:
+    """A 2xx whose body cannot be read, for a kind whose answer decides success and whose retry
+    reuses the attempt key or is governed by on_timeout: ambiguous, the provider may have it."""
+    return RetryLater(code="unreadable_answer", ambiguous=True,
+                      message=f"{response.status_code} with a body that cannot be read: {response.text[:200]!r}")
 
 
 def json_or_none(response: httpx.Response) -> Any:
@@ -243,7 +384,10 @@ class Adapter:
     has_status: ClassVar[bool] = False  # a delivery status endpoint exists
     status_batch_max: ClassVar[int] = 0  # ids one status-check request may ask about (0: no such form)
     idempotent_retry: ClassVar[bool] = False  # a reused attempt_key makes a resend harmless
+    has_lookup: ClassVar[bool] = False  # `lookup` can find a message whose answer was lost
     has_webhooks: ClassVar[bool] = False  # `dispatcher webhooks` takes its delivery reports (key WEBHOOK_SECRET_KEY)
+    # Why `lookup` cannot tell, for kinds that keep the default (said in the log and the message's error).
+    no_lookup_reason: ClassVar[str] = "offers no way to ask whether a message arrived"
 
     def __init__(self, account: ProviderAccount) -> None:
         self.account = account
@@ -292,6 +436,15 @@ class Adapter:
     def auth(self) -> httpx.Auth | None:
         return None
 
+    def timeouts(self, client: httpx.AsyncClient | None = None) -> dict[str, float]:
+        """The account's `timeout` as a request extension (a Request built by hand carries none),
+        never longer than the client's own (transport.make_client caps every request)."""
+        t = float(self.account.timeout)
+        cap = client.timeout.read if client is not None else None
+        if cap is not None:
+            t = min(t, cap)
+        return httpx.Timeout(t, connect=min(t, 5.0)).as_dict()
+
     def url(self, path: str) -> str:
         return self.account.base_url + path
 
@@ -307,11 +460,12 @@ class Adapter:
     async def send(self, client: httpx.AsyncClient, msg: OutboundMessage) -> SendResult:
         """Build, sign, post and judge one message. Network errors become RetryLater here."""
         request = self.build_request(msg)
+        request.extensions.setdefault("timeout", self.timeouts(client))
         started = time.perf_counter()
         try:
             response = await client.send(request, auth=self.auth() or httpx.USE_CLIENT_DEFAULT)
             await response.aread()
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             return SendResult(network_outcome(exc), None, (time.perf_counter() - started) * 1000.0)
         latency = (time.perf_counter() - started) * 1000.0
         return SendResult(self.parse_response(response, msg), response.status_code, latency, self.read_rate(response))
@@ -340,20 +494,78 @@ class Adapter:
         """Recall a message the provider holds. False when the kind cannot."""
         return False
 
+    # ---- settling a send that may have started before a crash
+    async def lookup(self, client: httpx.AsyncClient, msg: OutboundMessage, since: datetime) -> LookupResult:
+        """Ask the provider whether `msg` arrived from a request started at or after `since`
+        (an aware datetime: when the attempt's request started, by our clock).
 
-def network_outcome(exc: httpx.HTTPError) -> RetryLater:
-    """Map an httpx transport error to a retry; mark the ones where the request may have arrived."""
-    if isinstance(exc, httpx.ConnectError) or isinstance(exc, httpx.ConnectTimeout) and not _may_have_sent(exc):
+        Call it once that request can no longer be in flight (its timeout has passed since
+        `since`), or `absent` may only mean "not yet". Never raises for a network failure: that
+        is `cannot_tell`. The default, for kinds with no way to ask, is `cannot_tell`.
+        """
+        return LookupResult.cannot_tell(f"{self.kind} {self.no_lookup_reason}")
+
+
+# --------------------------------------------------------------------------- network errors
+# Everything the transport may raise for a request that did not get a whole answer. httpx-aiohttp
+# maps most of aiohttp's errors onto httpx's, but lets some through as they are (UploadAbortedError,
+# for one), and an OSError or TimeoutError may come from below either.
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, aiohttp.ClientError, OSError)
+
+# aiohttp errors raised only while the connection is being made, before any byte of the request
+# was written (aiohttp ClientSession._request: the connector's errors, and a connect that timed
+# out, are raised from `connector.connect()`, before `req.send(conn)`; ClientConnectorError
+# covers DNS, refused, unreachable, TLS handshake and proxy connect failures).
+_NOT_SENT_AIOHTTP = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Without aiohttp underneath (httpx's own transport), httpcore raises these only while
+# connecting or waiting for a pooled connection.
+_NOT_SENT_HTTPX = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def network_outcome(exc: BaseException) -> RetryLater:
+    """Map a transport error to a retry, ambiguous unless nothing can have left.
+
+    Only a failure that provably happened before any byte of the request left counts as not
+    sent (`connect_error`, not ambiguous). httpx-aiohttp 0.2 cannot be read by the httpx class
+    alone: it maps every aiohttp ClientConnectionError, refused and DNS included, but also a
+    reset (ClientOSError ECONNRESET) or a closed connection (ServerDisconnectedError) after the
+    request was written, to httpx.ConnectTimeout; so the aiohttp error it chains (`from`) is
+    what decides. aiohttp retries a dead pooled keep-alive connection itself only for idempotent
+    methods, never for the POST of a send, so a send on a pooled connection that turns out dead
+    fails with ServerDisconnectedError or ClientOSError: ambiguous, since the request may have
+    been written before the peer's close was seen.
+    """
+    if _not_sent(exc):
         return RetryLater(code="connect_error", message=_brief(exc))
-    if isinstance(exc, httpx.TimeoutException):
+    if _timed_out(exc):
         return RetryLater(code="timeout", message=_brief(exc), ambiguous=True)
     return RetryLater(code="network_error", message=_brief(exc), ambiguous=True)
 
 
-def _may_have_sent(exc: BaseException) -> bool:
-    # httpx-aiohttp maps a dropped connection (ServerDisconnected) to ConnectTimeout: that one is ambiguous.
-    cause = exc.__cause__
-    return cause is not None and "Disconnected" in type(cause).__name__
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from (or while handling), outermost first."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _not_sent(exc: BaseException) -> bool:
+    chain = _chain(exc)
+    below = [e for e in chain if isinstance(e, aiohttp.ClientError)]
+    if below:  # aiohttp underneath: its errors are the precise ones (all of them, should it have retried)
+        return all(isinstance(e, _NOT_SENT_AIOHTTP) for e in below)
+    return isinstance(exc, _NOT_SENT_HTTPX)
+
+
+def _timed_out(exc: BaseException) -> bool:
+    chain = _chain(exc)
+    below = [e for e in chain if isinstance(e, aiohttp.ClientError)]
+    if below:  # httpx-aiohttp calls a closed connection a ConnectTimeout: only aiohttp's own class tells
+        return any(isinstance(e, TimeoutError) for e in below)  # ServerTimeoutError and its kinds
+    return any(isinstance(e, (httpx.TimeoutException, TimeoutError)) for e in chain)
 
 
 def _brief(exc: BaseException) -> str:

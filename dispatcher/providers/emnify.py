@@ -38,6 +38,23 @@
   Status requests must be sent with `auth=adapter.auth()` (they need the token too).
   `sms_events` reads the SMS object, for the poll and for delivery-report callbacks alike.
 * Cancel: `DELETE /api/v1/endpoint/{id}/sms/{sms_id}` of every part of a buffered SMS.
+* Look-up after a crash (`lookup`): `GET /api/v1/endpoint/{id}/sms` lists the SMS sent to and
+  received from the endpoint. Our SMS is an MT entry (sms_type MT, or no sms_type) whose payload
+  (and udh, for a part of a long text: its ref byte is fixed by the message id) is what we
+  send, submitted at or after `since` less LOOKUP_SKEW (5 s of clock difference between us and
+  emnify). Every part matched exactly once -> found, with the provider_ref a send would have
+  recorded; no part matched -> absent; two candidates for one part (the same text sent twice
+  to the endpoint within seconds) or only some parts matched -> cannot_tell: we could not say
+  which is ours, and resending some parts would duplicate the others. The listing's order and
+  paging are not documented: pages (`page`, `per_page` = 1000, as the twin serves them) are read
+  until one is short or repeats, or, when a page is ordered newest first, until it reaches SMS
+  older than the window; at most LOOKUP_PAGES pages, else cannot_tell. A failed listing (network,
+  non-200, authentication) is cannot_tell. The source address is not compared: emnify may
+  write it back in another form, and a false "absent" would send the SMS twice.
+* Malformed answers: a 2xx is success whatever its body (the 201 has none; the id comes from
+  Location). 5xx -> RetryLater (emnify said it failed); 502 / 504 are a gateway's and ambiguous
+  (`base.http_outcome`): with on_timeout = "unknown" the message is not resent. A failure of
+  the authenticate call is never ambiguous: the SMS request had not started.
 """
 
 from __future__ import annotations
@@ -57,14 +74,18 @@ import httpx
 from ..errors import InvalidAddress, InvalidOption, TextTooLong
 from ..segments import split
 from .base import (
+    PROVIDER_STATUS_MAX,
     Accepted,
     Adapter,
     DeliveryEvent,
+    LookupResult,
     OutboundMessage,
     Outcome,
     Rejected,
     RetryLater,
     SendResult,
+    TRANSPORT_ERRORS,
+    bounded,
     http_outcome,
     json_or_none,
     network_outcome,
@@ -73,6 +94,9 @@ from .base import (
 
 AUTH_PATH = "/api/v1/authenticate"
 MAX_PARTS = 10
+LOOKUP_SKEW = 5.0  # seconds emnify's clock may be behind ours when its submit_date is compared with `since`
+LOOKUP_PAGE = 1000  # SMS per page of the listing
+LOOKUP_PAGES = 20  # pages read at most before giving up (cannot_tell)
 UCS2_DCS = 8
 _ENDPOINT_ID = re.compile(r"^[1-9][0-9]{0,18}$")
 _SOURCE = re.compile(r"^(?:\+?[0-9]{1,15}|[A-Za-z0-9 ]{1,11})$")  # GSM sender: a number or an 11-character name
@@ -163,9 +187,14 @@ class EmnifyAuth(httpx.Auth):
         self._application_token = application_token
         self.slot = slot or token_slot(base_url, application_token)
 
-    def authenticate_request(self) -> httpx.Request:
+    def authenticate_request(self, sending: httpx.Request | None = None) -> httpx.Request:
+        """The token exchange, with the timeouts of the request it is made for: httpx gives its
+        client's timeouts only to the request passed to `send()`, not to one an Auth flow yields,
+        so without them a hanging authenticate call would wait for ever (holding the lock that
+        every other send of the account waits on)."""
         body = json.dumps({"application_token": self._application_token}).encode()
-        return httpx.Request("POST", self._base_url + AUTH_PATH, content=body,
+        extensions = {"timeout": sending.extensions["timeout"]} if sending and "timeout" in sending.extensions else {}
+        return httpx.Request("POST", self._base_url + AUTH_PATH, content=body, extensions=extensions,
                              headers={"content-type": "application/json", "accept": "application/json"})
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -176,7 +205,7 @@ class EmnifyAuth(httpx.Auth):
                 token = self._usable_token(stale, failures_seen)
                 if token is None:
                     try:
-                        answer = yield self.authenticate_request()
+                        answer = yield self.authenticate_request(request)
                     except BaseException:
                         self.slot.fail(_UNREACHABLE)
                         raise
@@ -197,7 +226,7 @@ class EmnifyAuth(httpx.Auth):
                 token = self._usable_token(stale, failures_seen)
                 if token is None:
                     try:
-                        answer = yield self.authenticate_request()
+                        answer = yield self.authenticate_request(request)
                     except BaseException:
                         self.slot.fail(_UNREACHABLE)
                         raise
@@ -326,11 +355,11 @@ def authentication_outcome(response: httpx.Response, retry_at: float | None = No
 _UNREACHABLE = RetryLater("auth_unreachable", "the authenticate request did not complete (network error or timeout)")
 
 
-def _on_authenticate(exc: httpx.HTTPError) -> bool:
+def _on_authenticate(exc: BaseException) -> bool:
     """The network failed on the token exchange: the SMS itself was certainly not sent."""
     try:
-        return exc.request.url.path.endswith(AUTH_PATH)
-    except RuntimeError:
+        return exc.request.url.path.endswith(AUTH_PATH)  # type: ignore[attr-defined]
+    except (RuntimeError, AttributeError):  # no request: not an httpx error, or one raised without it
         return False
 
 
@@ -355,6 +384,7 @@ class EmnifyAdapter(Adapter):
     max_length = 153 * MAX_PARTS  # 1530 GSM-7 characters; UCS-2 is bounded by MAX_PARTS instead
     default_rate_limit = "2000/5m"
     has_status = True
+    has_lookup = True  # the endpoint's SMS list shows whether a lost request arrived
     has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
@@ -435,7 +465,7 @@ class EmnifyAdapter(Adapter):
                 await response.aread()
             except AuthenticationFailed as exc:  # an authentication this send waited for failed
                 outcome: Outcome = exc.outcome
-            except httpx.HTTPError as exc:
+            except TRANSPORT_ERRORS as exc:
                 outcome = _UNREACHABLE if _on_authenticate(exc) else network_outcome(exc)
                 requests += 1
             else:
@@ -472,11 +502,78 @@ class EmnifyAdapter(Adapter):
         try:
             response = await client.send(request, auth=auth)
             await response.aread()
-        except (httpx.HTTPError, AuthenticationFailed):
+        except (*TRANSPORT_ERRORS, AuthenticationFailed):
             return None, 1
         if response.status_code != 200:
             return None, 1 + len(response.history)
         return find_sent_sms(json_or_none(response), body["payload"], body.get("udh")), 1 + len(response.history)
+
+    # ---- look-up after a crash
+    async def lookup(self, client: httpx.AsyncClient, msg: OutboundMessage, since: datetime) -> LookupResult:
+        """Find the message's SMS (every part) in the endpoint's SMS list; see the module docstring."""
+        bodies = self.part_bodies(msg)
+        earliest = _epoch(since) - LOOKUP_SKEW
+        listing = await self._sms_since(client, msg.to, earliest)
+        if isinstance(listing, str):
+            return LookupResult.cannot_tell(listing)
+        sms_ids: list[str | None] = []
+        status = None
+        for seq, body in enumerate(bodies, 1):
+            matches = [item for item in listing if _is_our_sms(item, body)]
+            if len(matches) > 1:
+                which = f"part {seq} of {len(bodies)}" if len(bodies) > 1 else "the text"
+                return LookupResult.cannot_tell(
+                    f"{len(matches)} SMS to endpoint {msg.to} since {since.isoformat()} carry {which} "
+                    f"(ids {', '.join(str(m['id']) for m in matches)}): which one is ours cannot be told")
+            sms_ids.append(str(matches[0]["id"]) if matches else None)
+            if matches and isinstance(matches[0].get("status"), dict):
+                status = matches[0]["status"].get("description")
+        found = [n for n, i in enumerate(sms_ids, 1) if i]
+        if not found:
+            return LookupResult.absent(f"no SMS to endpoint {msg.to} since {since.isoformat()} carries this text "
+                                       f"({len(listing)} SMS listed in that time)")
+        if len(found) < len(bodies):
+            return LookupResult.cannot_tell(
+                f"only part(s) {', '.join(map(str, found))} of {len(bodies)} reached endpoint {msg.to} (sms ids "
+                f"{', '.join(i for i in sms_ids if i)}); the rest did not, and resending would duplicate the others")
+        accepted = self._accepted(msg, bodies, sms_ids)
+        accepted = Accepted(provider_ref=accepted.provider_ref, segments=accepted.segments,
+                            provider_status=bounded(status, PROVIDER_STATUS_MAX),
+                            detail={**accepted.detail, "found_by": "endpoint SMS list"})
+        ids = ", ".join(i for i in sms_ids if i)
+        return LookupResult.found(accepted, f"found in endpoint {msg.to}'s SMS list (sms ids {ids})")
+
+    async def _sms_since(self, client: httpx.AsyncClient, endpoint_id: str, earliest: float) -> list[dict] | str:
+        """The SMS of the endpoint submitted at or after `earliest` (epoch s), or why they could not be listed."""
+        auth = self.auth()
+        kept: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for page in range(1, LOOKUP_PAGES + 1):
+            request = httpx.Request("GET", self.url(f"/api/v1/endpoint/{endpoint_id}/sms"),
+                                    params={"page": page, "per_page": LOOKUP_PAGE},
+                                    headers={"accept": "application/json"})
+            try:
+                response = await client.send(request, auth=auth)
+                await response.aread()
+            except AuthenticationFailed as exc:
+                return f"could not list the endpoint's SMS: {getattr(exc.outcome, 'message', exc)}"
+            except TRANSPORT_ERRORS as exc:
+                return f"could not list the endpoint's SMS: {network_outcome(exc).message}"
+            items = json_or_none(response) if response.status_code == 200 else None
+            if isinstance(items, dict):
+                items = items.get("items")
+            if not isinstance(items, list):
+                return f"could not list the endpoint's SMS: HTTP {response.status_code} {response.text[:200]!r}"
+            ids = [str(item.get("id")) for item in items if isinstance(item, dict)]
+            if ids and all(i in seen for i in ids):
+                break  # the same page again: the listing ignores paging and was read whole
+            seen.update(ids)
+            kept += [item for item in items if isinstance(item, dict) and _submitted(item, earliest)]
+            if len(items) < LOOKUP_PAGE or _newest_first_and_past(items, earliest):
+                break
+        else:
+            return f"the endpoint's SMS list is longer than {LOOKUP_PAGES} pages of {LOOKUP_PAGE}: not read to the end"
+        return kept
 
     # ---- delivery status
     def build_status_request(self, msg: OutboundMessage) -> httpx.Request:
@@ -505,7 +602,7 @@ class EmnifyAdapter(Adapter):
             try:
                 response = await client.send(request, auth=auth)
                 await response.aread()
-            except (httpx.HTTPError, AuthenticationFailed):
+            except (*TRANSPORT_ERRORS, AuthenticationFailed):
                 cancelled = False
                 continue
             cancelled = cancelled and response.status_code in (200, 204)
@@ -549,6 +646,38 @@ def _status_time(data: dict[str, Any], normalized: str) -> float | None:
         if value is not None:
             return value
     return None
+
+
+def _epoch(moment: datetime) -> float:
+    """Epoch seconds of an aware datetime (a naive one is read as UTC, as the store keeps them)."""
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _submitted(item: dict[str, Any], earliest: float) -> bool:
+    """Submitted at or after `earliest`; an SMS whose date cannot be read is kept (it cannot be ruled out)."""
+    at = parse_time(item.get("submit_date")) if item.get("submit_date") else None
+    return at is None or at >= earliest
+
+
+def _newest_first_and_past(items: list[Any], earliest: float) -> bool:
+    """The page is ordered newest first (by id, descending) and its last SMS is older than `earliest`:
+    every later page is older still."""
+    ids = [_numeric(item.get("id")) for item in items if isinstance(item, dict)]
+    if len(ids) < 2 or any(a <= b for a, b in zip(ids, ids[1:])):
+        return False
+    last = items[-1]
+    at = parse_time(last.get("submit_date")) if isinstance(last, dict) and last.get("submit_date") else None
+    return at is not None and at < earliest
+
+
+def _is_our_sms(item: dict[str, Any], body: dict[str, Any]) -> bool:
+    """An MT SMS with the payload (and udh) of one of our requests."""
+    sms_type = item.get("sms_type")
+    if isinstance(sms_type, dict) and str(sms_type.get("description") or "").upper() == "MO":
+        return False
+    if item.get("payload") != body["payload"] or item.get("id") is None:
+        return False
+    return str(item.get("udh") or "").upper() == str(body.get("udh") or "").upper()
 
 
 def _partial(endpoint_id: str, sms_ids: list[str | None], seq: int, total: int, failure: Outcome) -> Rejected:

@@ -8,6 +8,17 @@
 * Answer: 200 {"trackingId"} -> Accepted; 400/401/403 {"error"} -> Rejected; 429 and 5xx ->
   RetryLater. Every response carries X-RateLimit-Limit/Remaining/Reset, Reset being the
   seconds until the window resets.
+* A 200 whose body cannot be read (cut, garbled, no trackingId) -> Accepted without a
+  provider_ref: eMsgNow answers 200 only when it took the message (its errors have statuses
+  of their own), and it has no idempotency key, so a resend would be a second SMS. Without a
+  trackingId the message cannot be polled (its status request is refused, and polling gives
+  up on it after poll_max_age); `detail["unreadable_answer"]` keeps what came back. A 200 with
+  an {"error"} is still Rejected.
+* 5xx -> RetryLater (eMsgNow said it failed); 502 / 504 are a gateway's and ambiguous
+  (`base.http_outcome`): with on_timeout = "unknown" the message is not resent.
+* No look-up after a crash (`lookup` says cannot_tell): the seed's only reads are
+  GET /sms/:messageId and its events, keyed by the trackingId that the lost answer carried;
+  nothing lists messages or finds one by clientId.
 * Status: GET /sms/:id/events -> events "processing", "sent to provider", "delivered".
 """
 
@@ -49,6 +60,9 @@ class EmsgnowAdapter(Adapter):
     text_required = False  # a template may stand in for the text
     has_status = True
     has_webhooks = True
+    # Seed 004: the only reads are GET /sms/:messageId (+ /events), keyed by the trackingId of the
+    # lost answer; nothing lists messages or finds one by clientId, and there is no idempotency key.
+    no_lookup_reason = "cannot be asked: its reads need the trackingId of the lost answer, and nothing lists messages"
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
         if not isinstance(to, str) or not _E164.match(to):
@@ -101,8 +115,10 @@ class EmsgnowAdapter(Adapter):
             return Accepted(provider_ref=str(data["trackingId"]), detail={"message": data.get("message")})
         error = data.get("error") if isinstance(data, dict) else None
         text = str(error or response.text[:200] or response.reason_phrase)
-        if response.status_code == 200:
+        if response.status_code == 200 and error:
             return Rejected(code="unexpected_response", message=f"200 without trackingId: {text}")
+        if response.status_code == 200:
+            return Accepted(provider_ref=None, detail={"unreadable_answer": response.text[:200]})
         code = {401: "api_key_required", 403: "invalid_api_key", 429: "rate_limited"}.get(
             response.status_code, f"http_{response.status_code}"
         )
@@ -113,6 +129,8 @@ class EmsgnowAdapter(Adapter):
         return http_outcome(response.status_code, code, text, retry_at)
 
     def build_status_request(self, msg: OutboundMessage) -> httpx.Request:
+        if not msg.provider_ref:
+            raise ValueError("no eMsgNow trackingId to ask about (the send's answer could not be read)")
         return httpx.Request("GET", self.url(f"/sms/{msg.provider_ref}/events"))
 
     def parse_status(self, response: httpx.Response, msg: OutboundMessage) -> list[DeliveryEvent]:

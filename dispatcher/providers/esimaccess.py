@@ -16,7 +16,16 @@
   eSIM Access returns no message id (`obj` is null), so `provider_ref` is None. Codes map through
   `_CODES`; 101001 (timestamp expired) is retried with a fresh signature; an undocumented code
   is Rejected with its code and text kept, since its meaning cannot be guessed safely.
+* A 2xx whose envelope cannot be read (not a JSON object with `success`) -> RetryLater
+  "unreadable_answer", ambiguous: eSIM Access answers its errors with HTTP 200 too, so a 200
+  alone proves nothing, while the request did reach it. Whether that is resent follows the
+  account's on_timeout, as for a timeout.
+* 5xx -> RetryLater (eSIM Access said it failed); 502 / 504 are a gateway's and ambiguous
+  (`base.http_outcome`): with on_timeout = "unknown" the message is not resent.
 * No delivery status and no idempotency key: a 200 is final, and a resend is a new SMS.
+* No look-up after a crash (`lookup` says cannot_tell): the excerpt documents only sendSms;
+  there is no endpoint listing the SMS sent to an eSIM, no message id in the answer, and
+  RT-RequestID is not documented to be deduplicated, so a lost answer cannot be recovered.
 * Rate: published 8 requests/second.
 """
 
@@ -42,8 +51,10 @@ from .base import (
     Rejected,
     RetryLater,
     RtHmacAuth,
+    GATEWAY_STATUSES,
     http_outcome,
     json_or_none,
+    unreadable_success,
     utf16_length,
     require_config,
 )
@@ -71,6 +82,9 @@ class EsimAccessAdapter(Adapter):
     default_rate_limit = "8/s"
     has_status = False
     idempotent_retry = False
+    # Seed 001: only sendSms is documented; its answer carries no id (obj is null), nothing lists
+    # the SMS sent to an eSIM, and RT-RequestID is not said to be deduplicated.
+    no_lookup_reason = "cannot be asked: no message id, no list of sent SMS, no deduplicated request id"
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(account)
@@ -127,7 +141,10 @@ class EsimAccessAdapter(Adapter):
         if status == 429 or status >= 500:
             signal = self.read_rate(response)
             retry_at = signal.pause_until if signal else None
-            return RetryLater(code=code or f"http_{status}", message=text, retry_at=retry_at)
+            return RetryLater(code=code or f"http_{status}", message=text, retry_at=retry_at,
+                              ambiguous=status in GATEWAY_STATUSES)
+        if 200 <= status < 300 and not isinstance(data.get("success"), bool) and not code:
+            return unreadable_success(response)
         if 200 <= status < 300 and data.get("success") is True:
             obj = data.get("obj")
             return Accepted(detail={"obj": obj} if obj is not None else {})

@@ -27,6 +27,12 @@
     ESIM_NOT_FOUND, the message is still marked accepted (validate() screens malformed ICCIDs).
   - every other documented code (bad input, unknown or foreign eSIM, bad credentials or
     signature) -> Rejected; an undocumented code follows its HTTP status.
+  - a 200 whose body is not a JSON object (cut, garbled, a proxy's page) -> RetryLater
+    "unreadable_answer", ambiguous: esimfly may have sent the SMS, and the retry reuses the
+    RT-RequestID, so DUPLICATE_REQUEST then proves that it did (or the send simply happens).
+  - 5xx -> RetryLater: esimfly said it failed (its `success: false` answer), so a fresh
+    request id is right; 502 / 504 come from a gateway and are ambiguous (`base.http_outcome`):
+    the retry reuses the id, and DUPLICATE_REQUEST settles it.
 * Rate: published 1000/hour; X-RateLimit-Limit/Remaining/Reset, Reset given as ISO 8601 or as a
   Unix timestamp (both read by `base.parse_time`).
 """
@@ -54,6 +60,7 @@ from .base import (
     RtHmacAuth,
     http_outcome,
     json_or_none,
+    unreadable_success,
     utf16_length,
 )
 
@@ -88,6 +95,10 @@ class EsimflyAdapter(Adapter):
     default_rate_limit = "1000/h"
     has_status = False
     idempotent_retry = True
+    # No look-up: esimfly returns no message id and lists nothing, but it needs none: a resend
+    # with the same RT-RequestID is answered DUPLICATE_REQUEST if the first one arrived.
+    no_lookup_reason = ("lists no messages; resend with the same attempt key (RT-RequestID): "
+                        "DUPLICATE_REQUEST proves an earlier arrival")
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(account)
@@ -127,6 +138,8 @@ class EsimflyAdapter(Adapter):
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         data = json_or_none(response)
+        if response.status_code == 200 and not isinstance(data, dict):
+            return unreadable_success(response)
         data = data if isinstance(data, dict) else {}
         request_id = _request_id(response) or msg.attempt_key or None
         if response.status_code == 200 and data.get("success") is True:

@@ -16,6 +16,11 @@
   so a retry after an ambiguous failure reuses the key and cannot create a second message.
 * Answer: 200/201 {"id", "status", "segments", "cost", ...} -> Accepted (a "failed" status
   there is still Accepted: the provider retries it itself and the status poll settles it).
+  A 2xx without a readable message id (a body cut short, not JSON) -> RetryLater
+  "unreadable_answer", ambiguous: the provider said it took the message, and the retry reuses
+  the Idempotency-Key, which gives back the original message instead of a second one.
+  5xx -> RetryLater with a fresh key (the provider said it failed); 502 / 504 are a gateway's
+  and ambiguous (`base.http_outcome`): the key is reused, which is harmless here.
   Errors carry `detail` as a string, an object {code, message, ...} or a list of validation
   errors; each becomes a readable Rejected (400 invalid_phone / no_route / text_too_long,
   401, 403 sender_id_not_approved / insufficient_scope, 422 insufficient_balance). A string
@@ -45,6 +50,7 @@ import phonenumbers
 from ..config import ProviderAccount
 from ..errors import InvalidAddress, InvalidOption
 from .base import (
+    PROVIDER_STATUS_MAX,
     Accepted,
     Adapter,
     HeaderAuth,
@@ -52,10 +58,11 @@ from .base import (
     OutboundMessage,
     Outcome,
     RateSignal,
-    Rejected,
+    bounded,
     http_outcome,
     json_or_none,
     parse_time,
+    unreadable_success,
     utc_iso,
 )
 
@@ -215,6 +222,10 @@ class EsmsAfricaAdapter(Adapter):
     has_webhooks = True
     status_batch_max = STATUS_BATCH_MAX
     idempotent_retry = True
+    # No look-up: a message id exists only in the lost answer, but none is needed: a resend with
+    # the same Idempotency-Key is answered with the original message and creates nothing new.
+    no_lookup_reason = ("needs no look-up: resend with the same attempt key (Idempotency-Key), "
+                        "which returns the original message if it arrived")
 
     def __init__(self, account: ProviderAccount, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(account)
@@ -262,7 +273,7 @@ class EsmsAfricaAdapter(Adapter):
                                                   "route_currency")},
             )
         if 200 <= status < 300:
-            return Rejected("unexpected_response", f"{status} without a message id: {response.text[:200]}")
+            return unreadable_success(response)
         code, message = read_error(status, data, response.text[:200] or response.reason_phrase)
         retry_at = None
         if status == 429:
@@ -312,10 +323,15 @@ class EsmsAfricaAdapter(Adapter):
             items = next((data[k] for k in ("messages", "results", "data", "items") if isinstance(data.get(k), list)),
                          None)
             if items is None:  # {"id": "status", ...} or {"id": {"status": ...}}
-                return {str(k): str(v.get("status") if isinstance(v, dict) else v) for k, v in data.items()
+                return {str(k): _word(v.get("status") if isinstance(v, dict) else v) for k, v in data.items()
                         if isinstance(v, (str, dict))}
-        return {str(item["id"]): str(item.get("status")) for item in items
+        return {str(item["id"]): _word(item.get("status")) for item in items
                 if isinstance(item, dict) and item.get("id") is not None}
+
+
+def _word(value: Any) -> str:
+    """A status word as the store keeps it (provider_status is bounded)."""
+    return bounded(value, PROVIDER_STATUS_MAX) or ""
 
 
 def _int(value: Any) -> int | None:

@@ -2,7 +2,7 @@
 
     POST   /api/v1/authenticate                        {"application_token"} -> 200 {"auth_token"}
     POST   /api/v1/endpoint/{endpoint_id}/sms          send (Bearer auth_token) -> 201, empty body
-    GET    /api/v1/endpoint/{endpoint_id}/sms          list, newest first (?page=&per_page=)
+    GET    /api/v1/endpoint/{endpoint_id}/sms          list sent (MT) and received (MO), newest first
     GET    /api/v1/endpoint/{endpoint_id}/sms/{sms_id} one SMS object
     DELETE /api/v1/endpoint/{endpoint_id}/sms/{sms_id} cancel a buffered SMS -> 204
 
@@ -28,6 +28,13 @@ non-empty string; `dcs` 0 (GSM-7) or 8 (UCS-2), detected from the payload when a
 A success is 201 with an EMPTY body and `Location: <path of the new SMS>`, the absolute path on
 the server that answered (under the sandbox it includes the /emnify mount): take the SMS id from
 its last segment.
+
+Listing: `GET .../sms` answers a JSON array of SMS objects, as `GET .../sms/{sms_id}` shows
+each, the SMS sent to the endpoint (sms_type MT) and the SMS it sent (MO), newest first. The
+docs give no paging for it; the twin takes `page` (from 1) and `per_page` (1 to 1000, default
+1000), as emnify's other collections do. Received SMS come from `extra["received_sms"]`, a
+list of {"endpoint_id", "payload", "source_address" (the device's number), "at" (epoch s;
+default: the time of the listing)}: a device cannot be simulated otherwise.
 
 Delivery, computed when read (`delivery_step` = s, from submit_date):
   status 1 "Delivery attempt pending", after s 2 "In progress", after 2s 4 "Delivered".
@@ -236,10 +243,11 @@ def make_app(settings: KindSettings) -> web.Application:
     async def listing(request: web.Request) -> web.Response:
         endpoint_id = _endpoint(request)
         now, step = settings.clock(), settings.delivery_step
-        newest_first = sorted(state.sms.get(endpoint_id, {}).values(), key=lambda s: s.id, reverse=True)
+        listed = [s.public(now, step) for s in state.sms.get(endpoint_id, {}).values()]
+        listed += _received(settings.extra.get("received_sms") or (), endpoint_id, now)
+        newest_first = sorted(listed, key=lambda s: s["id"], reverse=True)
         page, per_page = _paging(request)
-        chosen = newest_first[(page - 1) * per_page: page * per_page]
-        return json_response([s.public(now, step) for s in chosen])
+        return json_response(newest_first[(page - 1) * per_page: page * per_page])
 
     async def one(request: web.Request) -> web.Response:
         sms = _find(request, state)
@@ -344,6 +352,27 @@ def _find(request: web.Request, state: EmnifyState) -> Sms:
     if sms is None:
         raise Refused(error(404, "sms_not_found", f"SMS {raw} not found for endpoint {endpoint_id}"))
     return sms
+
+
+RECEIVED_IDS_FROM = 10_000_000  # ids of the configured received SMS (above any id a test will send)
+
+
+def _received(configured: Any, endpoint_id: int, now: float) -> list[dict[str, Any]]:
+    """The configured SMS the endpoint sent (MO), as the listing shows them."""
+    shown = []
+    for index, item in enumerate(configured if isinstance(configured, list) else ()):
+        if not isinstance(item, dict) or str(item.get("endpoint_id")) != str(endpoint_id):
+            continue
+        at = float(item.get("at") or now)
+        shown.append({
+            "id": RECEIVED_IDS_FROM + index, "submit_date": _date(at), "delivery_date": _date(at),
+            "final_date": _date(at), "expiry_date": None, "retry_date": None, "retry_count": 0,
+            "source_address": str(item.get("source_address") or "4915112345678"),
+            "payload": str(item.get("payload") or ""), "udh": None, "dcs": 0,
+            "sms_type": {"id": 2, "description": "MO"}, "endpoint": {"id": endpoint_id},
+            "status": {"id": 4, "description": STATUS[4]},
+        })
+    return shown
 
 
 def _paging(request: web.Request) -> tuple[int, int]:

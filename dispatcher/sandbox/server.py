@@ -5,7 +5,10 @@ Layout of the URL space (the twin's own paths sit under its kind):
     /<kind>/...          a twin, e.g. POST /emsgnow/sms, POST /esms_africa/api/messages/send
     /_sandbox/requests   GET  ?kind=K&since=SEQ   the request log (entries with seq > SEQ)
     /_sandbox/faults     POST {"kind": K, latency_ms, down, fail_next, fail_status, fail_rate,
-                               drop_next, lose_next, hang_next, hang_ms, seed, replay_callbacks}
+                               fail_headers, drop_next, reset_next, lose_next,
+                               reset_processed_next, hang_next, hang_ms, malformed_next,
+                               malformed_status, html_next, html_status, drip_next, drip_ms,
+                               seed, replay_callbacks}
     /_sandbox/configure  POST {"kind": K, credentials, rate_limit, rate_window, delivery_step,
                                extra: {...merged...}}
     /_sandbox/callbacks  GET  ?kind=K&since=SEQ   the delivery reports the twins sent, with every answer
@@ -13,11 +16,33 @@ Layout of the URL space (the twin's own paths sit under its kind):
                                restores the settings
     /_sandbox/info       GET   base URL and sandbox credentials per kind
 
-A middleware around the twins (never inside them) records every request and applies the
-kind's faults, in this order: latency, down (503 with a JSON body), drop (connection closed
-before the twin sees the request), fail (fail_status, or fail_rate drawn from a Random seeded
-with `seed`), hang (hold hang_ms, then answer normally), lose (the twin handles the request,
-then the connection is closed: the provider acted but the client never hears of it).
+A middleware around the twins (never inside them) records every request (it is read whole
+first, so every fault below happens after the request was received and logged) and applies
+the kind's faults. Each `*_next` counts down: the next N requests of the kind get it.
+
+| fault | what the client sees | did the twin take it? |
+|---|---|---|
+| latency_ms | every answer waits that long | yes |
+| down | 503 with a JSON body, until switched off | no |
+| drop_next | the connection closed (FIN), no answer | no |
+| reset_next | the connection reset (RST), no answer | no |
+| fail_next / fail_rate | fail_status (500) with the kind's JSON error body, plus fail_headers | no |
+| html_next | html_status (502) with a text/html error page, as a proxy in front of the provider sends | no |
+| malformed_next, malformed_status 0 | the twin's own status and headers, its body cut in half: not JSON | yes |
+| malformed_next, malformed_status N | status N (200, 500, ...) with a body that is not JSON | no |
+| hang_next | nothing for hang_ms, then the normal answer (a client timeout fires first) | yes |
+| lose_next | the connection closed (FIN) after the twin answered | yes |
+| reset_processed_next | the connection reset (RST) after the twin answered | yes |
+| drip_next | the headers at once, then the body one byte every drip_ms (chunked): a read timeout fires mid-body | yes |
+
+fail_rate draws from a Random seeded with `seed`; fail_headers (e.g. {"Retry-After": "nan"})
+go with every failure. The faults apply in this order: latency, down, drop, reset, fail, html,
+malformed with a status; the ones the twin takes (lose, reset_processed, malformed with status
+0, drip) are decided at arrival, then hang, then the twin answers. A request's log entry names its fault (`fault`);
+for the faults the twin took, `status` and `response_json` are what the twin answered,
+whether or not the client heard it. drop / reset ("read, then nothing") and lose /
+reset_processed ("processed, then nothing") look the same to a client: that is the point of
+having both, to check that a client treats them alike (the provider may have it).
 Per-request work is an append to the log and a few dict lookups, so one process keeps up with
 thousands of requests a second.
 
@@ -35,8 +60,11 @@ import asyncio
 import copy
 import json
 import random
+import socket
+import struct
 import time
 from dataclasses import asdict, dataclass, field, fields
+from http import HTTPStatus
 from types import ModuleType
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -77,7 +105,9 @@ class RecordedRequest:
     status: int | None = None
     response_json: Any = None
     answered_at: float | None = None
-    fault: str | None = None  # "down" | "fail" | "drop" | "hang" | "lose" when a fault shaped the answer
+    peer: str = ""  # the client's address and port: requests on one kept-alive connection share it
+    fault: str | None = None  # the fault that shaped the answer: "down", "fail", "drop", "reset", "html",
+    #                           "malformed", "hang", "lose", "reset_processed", "drip"; None for none
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -95,10 +125,19 @@ class Faults:
     fail_next: int = 0
     fail_status: int = 500
     fail_rate: float = 0.0
-    drop_next: int = 0
-    lose_next: int = 0
+    fail_headers: dict[str, str] = field(default_factory=dict)  # sent with every failure, e.g. {"Retry-After": "nan"}
+    drop_next: int = 0  # read, then the connection closed (FIN); the twin never sees it
+    reset_next: int = 0  # read, then the connection reset (RST); the twin never sees it
+    lose_next: int = 0  # the twin answers, then the connection is closed (FIN) instead
+    reset_processed_next: int = 0  # the twin answers, then the connection is reset (RST) instead
     hang_next: int = 0
     hang_ms: float = 0.0
+    malformed_next: int = 0  # an answer whose body is not JSON
+    malformed_status: int = 0  # 0: the twin's own answer, cut; else this status and the twin never sees it
+    html_next: int = 0  # a proxy's HTML error page instead of the twin's answer
+    html_status: int = 502
+    drip_next: int = 0  # the twin's answer, its body trickling one byte every drip_ms
+    drip_ms: float = 500.0
     seed: int = 0
     replay_callbacks: bool = False  # send every delivery report of the kind twice
     rng: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
@@ -109,6 +148,8 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault {sorted(unknown)[0]!r}")
         converted = {name: type(getattr(self, name))(value) for name, value in values.items()}
+        if "fail_headers" in converted:
+            converted["fail_headers"] = {str(k): str(v) for k, v in converted["fail_headers"].items()}
         if "replay_callbacks" in values and not isinstance(values["replay_callbacks"], bool):
             raise ValueError("replay_callbacks must be true or false")
         if not 0.0 <= converted.get("fail_rate", self.fail_rate) <= 1.0:
@@ -142,8 +183,10 @@ class Sandbox:
     def record(self, request: web.Request, kind: str, path: str, raw: bytes, parsed: Any,
                now: float) -> RecordedRequest:
         self.seq += 1
+        peername = request.transport.get_extra_info("peername") if request.transport is not None else None
         entry = RecordedRequest(self.seq, kind, request.method, path, dict(request.query),
-                                CIMultiDict(request.headers), raw, parsed, now)
+                                CIMultiDict(request.headers), raw, parsed, now,
+                                peer=f"{peername[0]}:{peername[1]}" if peername else "")
         self.log.append(entry)
         if len(self.log) > _MAX_LOG:
             del self.log[: _MAX_LOG // 10]
@@ -241,7 +284,25 @@ SANDBOX_KEY: web.AppKey[Sandbox] = web.AppKey("sandbox", Sandbox)
 
 
 class _Dropped(Exception):
-    """The connection was closed on purpose; nothing is answered."""
+    """The connection is to be closed on purpose (reset with an RST when `reset`); nothing is answered."""
+
+    def __init__(self, reset: bool = False) -> None:
+        super().__init__("reset" if reset else "closed")
+        self.reset = reset
+
+
+def _hang_up(request: web.Request, reset: bool) -> None:
+    """Close the request's connection: a FIN, or with `reset` an RST (SO_LINGER 0, then abort)."""
+    transport = request.transport
+    if transport is None:
+        return
+    if reset:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    else:
+        transport.close()
 
 
 def _fault_middleware(sandbox: Sandbox, clock: Callable[[], float]):
@@ -257,15 +318,15 @@ def _fault_middleware(sandbox: Sandbox, clock: Callable[[], float]):
         entry = sandbox.record(request, kind, "/" + rest, raw, parsed[0], received_at)
         try:
             response = await _answer(sandbox, kind, entry, request, handler)
-        except _Dropped:
-            if request.transport is not None:
-                request.transport.close()
+        except _Dropped as dropped:
+            _hang_up(request, dropped.reset)
             raise asyncio.CancelledError() from None
         except web.HTTPException as exc:
             entry.status, entry.answered_at = exc.status, clock()
             raise
         entry.status, entry.answered_at = response.status, clock()
-        entry.response_json = _response_json(response)
+        if entry.response_json is None:
+            entry.response_json = _response_json(response)
         return response
 
     return middleware
@@ -279,27 +340,102 @@ async def _answer(sandbox: Sandbox, kind: str, entry: RecordedRequest, request: 
     if faults.down:
         entry.fault = "down"
         return json_response(sandbox.fault_body(kind, 503, "service unavailable"), status=503)
-    if faults.drop_next > 0:
-        faults.drop_next -= 1
-        entry.fault = "drop"
-        raise _Dropped()
+    for name, fault, reset in (("drop_next", "drop", False), ("reset_next", "reset", True)):
+        if _take(faults, name):
+            entry.fault = fault
+            raise _Dropped(reset)
     if faults.fail_next > 0 or (faults.fail_rate > 0 and faults.rng.random() < faults.fail_rate):
         faults.fail_next = max(0, faults.fail_next - 1)
         entry.fault = "fail"
         status = faults.fail_status
-        return json_response(sandbox.fault_body(kind, status, "injected failure"), status=status)
-    lose = faults.lose_next > 0  # decided at arrival, so concurrent requests lose exactly N
-    if lose:
-        faults.lose_next -= 1
+        return json_response(sandbox.fault_body(kind, status, "injected failure"), status=status,
+                             headers=faults.fail_headers or None)
+    if _take(faults, "html_next"):
+        entry.fault = "html"
+        return html_error_page(faults.html_status)
+    if faults.malformed_status and _take(faults, "malformed_next"):
+        entry.fault = "malformed"
+        return web.Response(status=faults.malformed_status, body=b'{"error": "injected failure',
+                            content_type="application/json")
+    # What the twin takes is decided at arrival, so that concurrent requests get exactly N.
+    lose, reset_after = _take(faults, "lose_next"), _take(faults, "reset_processed_next")
+    malformed, drip = _take(faults, "malformed_next"), _take(faults, "drip_next")
     if faults.hang_next > 0:
         faults.hang_next -= 1
         entry.fault = "hang"
         await asyncio.sleep(faults.hang_ms / 1000.0)
     response = await handler(request)
-    if lose:
-        entry.fault, entry.status, entry.response_json = "lose", response.status, _response_json(response)
-        raise _Dropped()
+    if lose or reset_after:
+        entry.fault = "lose" if lose else "reset_processed"
+        entry.status, entry.response_json = response.status, _response_json(response)
+        raise _Dropped(reset=reset_after)
+    if malformed or drip:
+        entry.fault, entry.response_json = ("malformed" if malformed else "drip"), _response_json(response)
+        entry.status = response.status  # the twin's answer, whether the drip reaches its end or not
+        if malformed:
+            return _cut(response)
+        return await _drip(request, response, faults.drip_ms / 1000.0)
     return response
+
+
+def _take(faults: Faults, name: str) -> bool:
+    """Count one down from a `*_next` fault; True when this request gets it."""
+    left = getattr(faults, name)
+    if left <= 0:
+        return False
+    setattr(faults, name, left - 1)
+    return True
+
+
+def html_error_page(status: int) -> web.Response:
+    """The kind of page a reverse proxy answers when the service behind it fails: HTML, not JSON."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    page = (f"<!DOCTYPE html>\n<html><head><title>{status} {reason}</title></head>\n"
+            f"<body><h1>{status} {reason}</h1><p>The server behind this gateway did not answer properly.</p>"
+            "<hr><address>sandbox-proxy</address></body></html>\n")
+    return web.Response(status=status, text=page, content_type="text/html")
+
+
+def _passed_headers(response: web.StreamResponse) -> CIMultiDict:
+    """The twin's headers without the ones that describe the body as it was (length, encoding)."""
+    headers = CIMultiDict(response.headers)
+    for name in ("Content-Length", "Transfer-Encoding"):
+        headers.popall(name, None)
+    return headers
+
+
+def _cut(response: web.StreamResponse) -> web.Response:
+    """The twin's answer (status, headers) with its body cut in half, so that it is not JSON."""
+    body = bytes(getattr(response, "body", None) or b"")
+    cut = body[: len(body) // 2]
+    try:
+        json.loads(cut)
+    except ValueError:
+        pass
+    else:  # an empty or a tiny body that halves into something valid: make sure it is not JSON
+        cut = b"{" + cut
+    return web.Response(status=response.status, reason=response.reason, headers=_passed_headers(response), body=cut)
+
+
+async def _drip(request: web.Request, response: web.StreamResponse, interval: float) -> web.StreamResponse:
+    """Send the twin's answer: the headers at once, then its body one byte every `interval` s
+    (chunked, and one more pause before the end, so that even an empty body keeps a reader waiting)."""
+    body = bytes(getattr(response, "body", None) or b"")
+    stream = web.StreamResponse(status=response.status, reason=response.reason, headers=_passed_headers(response))
+    stream.enable_chunked_encoding()
+    try:
+        await stream.prepare(request)
+        for index in range(len(body)):
+            await asyncio.sleep(interval)
+            await stream.write(body[index:index + 1])
+        await asyncio.sleep(interval)
+        await stream.write_eof()
+    except ConnectionError:  # the client gave up (its read timeout fired): nothing more to send
+        raise asyncio.CancelledError() from None
+    return stream
 
 
 def _response_json(response: web.StreamResponse) -> Any:

@@ -96,11 +96,13 @@ def waiting(session: Session, ids: Sequence[str]) -> list[Any]:
     return list(session.execute(stmt))
 
 
-def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Any]:
+def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worker: str) -> list[Any]:
     """Compare-and-set `queued -> sending` for the ids that are due and not past their not_after;
     returns the claimed rows as they are after the claim (read-only rows with Message's columns).
 
-    A task delivered twice finds its messages already `sending` (or beyond) and claims nothing.
+    The claim is named (`token`, one per claim statement) and held by `worker` (liveness.py);
+    its request has not started (`started_at` is NULL) until `mark_started` says so. A task
+    delivered twice finds its messages already `sending` (or beyond) and claims nothing.
     One statement: the UPDATE returns the rows it claimed.
     """
     if not ids:
@@ -113,46 +115,84 @@ def claim(session: Session, ids: Sequence[str], now: datetime) -> list[Any]:
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
         )
-        .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now)
+        .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now,
+                claim_token=token, claimed_by=worker, started_at=None)
         .returning(*M.c)
     )
     return list(session.execute(stmt))
 
 
-def postpone(session: Session, ids: Sequence[str], now: datetime, due_at: datetime, status: str = QUEUED) -> None:
-    """Move queued messages' due time (rate-limited: no attempt made, none counted)."""
-    if ids:
-        session.execute(
-            update(M).where(M.c.id.in_(list(ids)), M.c.status == QUEUED).values(status=status, due_at=due_at, updated_at=now)
-        )
+def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime) -> set[str]:
+    """Record, just before their requests are written, that these claims may reach the provider.
+
+    Compare-and-set on the claim: only the ids returned are still this claim's and may be sent.
+    A claim moved meanwhile (the reaper took its worker for dead) is not sent by this worker.
+    """
+    if not ids:
+        return set()
+    stmt = (
+        update(M)
+        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
+        .values(started_at=now)
+        .returning(M.c.id)
+    )
+    return {row[0] for row in session.execute(stmt)}
 
 
-def unclaim(session: Session, ids: Sequence[str], now: datetime, due_at: datetime | None) -> None:
-    """Give claimed messages back untouched (`sending -> queued`) without counting an attempt."""
-    if ids:
-        session.execute(
-            update(M)
-            .where(M.c.id.in_(list(ids)), M.c.status == SENDING)
-            .values(status=QUEUED, attempts=M.c.attempts - 1, claimed_at=None, due_at=due_at, updated_at=now)
-        )
+def unmark_started(session: Session, ids: Sequence[str], token: str) -> set[str]:
+    """Take back a recorded start whose request was not written after all (compare-and-set)."""
+    if not ids:
+        return set()
+    stmt = (
+        update(M)
+        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
+        .values(started_at=None)
+        .returning(M.c.id)
+    )
+    return {row[0] for row in session.execute(stmt)}
+
+
+def hand_back(session: Session, ids: Sequence[str], token: str | None, now: datetime,
+              due_at: datetime | None, status: str = QUEUED) -> list[str]:
+    """Give back claims whose request never started (`sending -> queued`, or `scheduled` for a
+    long wait), without counting an attempt. `token` None matches any claim (the reaper's
+    lease backstop). Returns the ids moved."""
+    if not ids:
+        return []
+    cond = and_(M.c.id.in_(list(ids)), M.c.status == SENDING)
+    if token is not None:
+        cond = and_(cond, M.c.claim_token == token)
+    stmt = (
+        update(M).where(cond)
+        .values(status=status, attempts=M.c.attempts - 1, claimed_at=None, claim_token=None, claimed_by=None,
+                started_at=None, due_at=due_at, updated_at=now, enqueued_at=now)
+        .returning(M.c.id)
+    )
+    return [row[0] for row in session.execute(stmt)]
 
 
 @dataclass
 class Settlement:
-    """What one attempt changes: new column values for the message and its attempt row."""
+    """What one attempt changes: new column values for the message and its attempt row.
+
+    `claim_token` is the claim that made the attempt: the message row changes only while that
+    claim still holds it; the attempt row is kept either way (it is what the wire showed).
+    """
 
     message_id: str
     values: dict[str, Any]
     attempt: dict[str, Any] | None
+    claim_token: str | None = None
 
 
 _SETTLE_COLUMNS = (
-    "status", "attempts", "due_at", "attempt_key", "provider_ref", "provider_status", "segments", "cost",
-    "cost_currency", "error_code", "error", "accepted_at", "finished_at", "claimed_at", "updated_at",
+    "status", "attempts", "due_at", "attempt_key", "key_exposed", "provider_ref", "provider_status", "segments",
+    "cost", "cost_currency", "error_code", "error", "accepted_at", "finished_at", "claimed_at", "claimed_by",
+    "updated_at",
 )
 _RECORD = (
     update(M)
-    .where(M.c.id == bindparam("b_id"), M.c.status == SENDING)
+    .where(M.c.id == bindparam("b_id"), M.c.status == SENDING, M.c.claim_token == bindparam("b_claim"))
     .values({c: bindparam(f"b_{c}") for c in _SETTLE_COLUMNS})
 )
 
@@ -160,19 +200,20 @@ _RECORD = (
 def record(session: Session, settlements: Iterable[Settlement]) -> int:
     """Apply settlements of `sending` messages in one executemany; returns rows changed.
 
-    The WHERE status='sending' guard keeps a message settled elsewhere (the reaper, a cancel)
-    from being overwritten. An executemany (psycopg 3 pipelines it: one round trip) costs the
-    worker a tenth of the CPU of one `UPDATE ... FROM (VALUES ...)` statement holding the whole
-    batch, whose 3,000 bound parameters SQLAlchemy and psycopg build, compile and parse anew for
-    every batch (9 ms against 50-95 ms per 200 messages, README "Throughput"); and the workers'
-    CPU, not the database, is what runs out first on a small machine.
+    The WHERE guard (still `sending`, still the same claim) keeps a message settled elsewhere
+    (the reaper, a cancel) or claimed again since from being overwritten by a late result.
+    An executemany (psycopg 3 pipelines it: one round trip) costs the worker a tenth of the CPU
+    of one `UPDATE ... FROM (VALUES ...)` statement holding the whole batch, whose 3,000 bound
+    parameters SQLAlchemy and psycopg build, compile and parse anew for every batch (9 ms
+    against 50-95 ms per 200 messages, docs "Throughput"); and the workers' CPU, not the
+    database, is what runs out first on a small machine.
     """
     settlements = list(settlements)
     if not settlements:
         return 0
     params = []
     for s in settlements:
-        p = {"b_id": s.message_id}
+        p = {"b_id": s.message_id, "b_claim": s.claim_token}
         for c in _SETTLE_COLUMNS:
             p[f"b_{c}"] = s.values[c]
         params.append(p)
@@ -201,15 +242,51 @@ def release(session: Session, ids: Sequence[str], now: datetime) -> list[str]:
     stmt = (
         update(M)
         .where(M.c.id.in_(list(ids)), M.c.status == SCHEDULED, or_(M.c.due_at.is_(None), M.c.due_at <= now))
-        .values(status=QUEUED, updated_at=now)
+        .values(status=QUEUED, updated_at=now, enqueued_at=now)
         .returning(M.c.id, M.c.provider)
     )
     return [row[0] for row in session.execute(stmt)]
 
 
+def claims_of(session: Session, worker: str, limit: int) -> list[Message]:
+    """The `sending` claims held by `worker`."""
+    stmt = select(Message).where(Message.status == SENDING, Message.claimed_by == worker).limit(limit)
+    return list(session.execute(stmt).scalars())  # type: ignore[attr-defined]
+
+
 def stale_sending(session: Session, before: datetime, limit: int) -> list[Message]:
+    """Claims older than the lease, whoever holds them (a backstop behind the heartbeats)."""
     stmt = select(Message).where(Message.status == SENDING, Message.claimed_at < before).limit(limit)
     return list(session.execute(stmt).scalars())  # type: ignore[attr-defined]
+
+
+def lost_queued(session: Session, published_before: datetime, due_before: datetime | None, limit: int
+                ) -> list[tuple[str, datetime | None]]:
+    """Queued messages whose last task was published before `published_before` (and, with
+    `due_before`, that were due before it): their task may be lost. Returns (id, due_at) pairs;
+    stamping them (`stamp_enqueued`) when they are published again takes them off this list."""
+    cond = and_(M.c.status == QUEUED, or_(M.c.enqueued_at.is_(None), M.c.enqueued_at < published_before))
+    if due_before is not None:
+        cond = and_(cond, or_(M.c.due_at.is_(None), M.c.due_at < due_before))
+    stmt = select(M.c.id, M.c.due_at).where(cond).order_by(M.c.due_at).limit(limit)
+    return [(row[0], row[1]) for row in session.execute(stmt)]
+
+
+def stamp_enqueued(session: Session, ids: Sequence[str], now: datetime) -> None:
+    """Remember when a task for these messages was last published (the lost-task sweep reads it)."""
+    if ids:
+        session.execute(update(M).where(M.c.id.in_(list(ids))).values(enqueued_at=now))
+
+
+def set_claim(session: Session, message_id: str, token: str | None, values: dict[str, Any]) -> bool:
+    """Compare-and-set one `sending` message still held by the claim `token`; True when it moved."""
+    held = M.c.claim_token.is_(None) if token is None else M.c.claim_token == token
+    stmt = update(M).where(M.c.id == message_id, M.c.status == SENDING, held).values(**values)
+    return session.execute(stmt).rowcount == 1
+
+
+def add_attempt(session: Session, attempt: dict[str, Any]) -> None:
+    session.execute(insert(Attempt.__table__), [attempt])  # type: ignore[attr-defined]
 
 
 def set_status(session: Session, message_id: str, expect: Iterable[str], values: dict[str, Any]) -> bool:
