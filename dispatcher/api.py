@@ -14,15 +14,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
-from . import runtime
-from .errors import BrokerUnavailable, InvalidTime, NotFound, TooLate, ValidationError
+from . import runtime, storable
+from .errors import BrokerUnavailable, InvalidAddress, InvalidTime, NotFound, TooLate, ValidationError
 from .store import queries
 from .store.db import ensure_schema, session_scope
+from .store.keyed import insert_keyed
 from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
 from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
 _OPTION_ALIASES = {"from_": "from", "sender": "from"}
+MAX_TO = 64  # the store's column
 
 
 @dataclass(frozen=True)
@@ -117,33 +119,49 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     Each item is a mapping with the arguments of send(): provider, to, text, not_before,
     not_after, idempotency_key, and options (a mapping) or extra keys as options. If any
     item is invalid, nothing is stored and the ValidationError says which item.
+
+    The result has one id per item, in input order: for an idempotency key already stored, the
+    id of that message (nothing new is stored or sent); for a key repeated in the batch, the id
+    of its first item. Producers sending overlapping keys at once each get the same ids.
     """
     s = runtime.settings()
     rows: list[dict[str, Any]] = []
+    if isinstance(messages, (str, bytes, Mapping)):
+        raise ValidationError("messages", "must be a list (or other iterable) of mappings")
     for index, item in enumerate(messages):
-        item = dict(item)
-        opts = dict(item.pop("options", None) or {})
-        args = {k: item.pop(k, None) for k in ("not_before", "not_after", "idempotency_key", "scheduled_at")}
-        try:
-            provider, to = item.pop("provider"), item.pop("to")
-        except KeyError as exc:
-            raise ValidationError(f"messages[{index}].{exc.args[0]}", "is required") from None
-        text = item.pop("text", None)
-        opts.update(item)
-        try:
-            row = build_row(provider, to, text, options=opts, **args)
-        except ValidationError as exc:
-            raise type(exc)(f"messages[{index}].{exc.field}", exc.rule) from None
-        rows.append(_row_dict(row))
+        rows.append(_row_dict(_build_item(index, item)))
     if not rows:
         return []
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
-        if any(r["idempotency_key"] for r in rows):
-            rows = _drop_known_keys(db, rows)
-        queries.add_messages(db, rows)
-    _enqueue_or_leave([r["id"] for r in rows if r["status"] == QUEUED], s.batch_size)
-    return [r["id"] for r in rows]
+        ids, inserted = insert_keyed(db, rows)
+    new = {r["id"] for r in inserted if r["status"] == QUEUED}
+    _enqueue_or_leave([r["id"] for r in rows if r["id"] in new], s.batch_size)
+    return ids
+
+
+def _build_item(index: int, item: Any) -> Row:
+    """One item of send_many() as a row; its errors name the item (`messages[3].text`)."""
+    if not isinstance(item, Mapping):
+        raise ValidationError(f"messages[{index}]", "must be a mapping with provider, to, text, ...")
+    item = dict(item)
+    opts = item.pop("options", None) or {}
+    if not isinstance(opts, Mapping):
+        raise ValidationError(f"messages[{index}].options", "must be a mapping of option names to values")
+    opts = dict(opts)
+    args = {k: item.pop(k, None) for k in ("not_before", "not_after", "idempotency_key", "scheduled_at")}
+    try:
+        provider, to = item.pop("provider"), item.pop("to")
+    except KeyError as exc:
+        raise ValidationError(f"messages[{index}].{exc.args[0]}", "is required") from None
+    text = item.pop("text", None)
+    opts.update(item)
+    try:
+        return build_row(provider, to, text, options=opts, **args)
+    except ValidationError as exc:
+        named = type(exc).__new__(type(exc))  # the same class (UnknownProvider's own __init__ differs)
+        ValidationError.__init__(named, f"messages[{index}].{exc.field}", exc.rule)
+        raise named from None
 
 
 def get(message_id: str) -> Message:
@@ -211,6 +229,8 @@ def build_row(
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
     adapter = runtime.adapter_for(provider)
+    if options is not None and not isinstance(options, Mapping):
+        raise ValidationError("options", "must be a mapping of option names to values")
     opts = {_OPTION_ALIASES.get(k, k): v for k, v in (options or {}).items()}
     if scheduled_at is not None:
         if not_before is not None:
@@ -225,11 +245,14 @@ def build_row(
         raise InvalidTime("not_after", "is already in the past")
     if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 200):
         raise ValidationError("idempotency_key", "must be a string of 1 to 200 characters")
+    _check_storable(to, text, idempotency_key, opts)
     if not to and (opts.get("esim_id") or opts.get("iccid")):
         to = str(opts.get("esim_id") or opts.get("iccid"))  # addressed by the option instead
     if not isinstance(to, str) or not to.strip():
         raise ValidationError("to", "is required")
     adapter.validate(to, text, opts)
+    if len(to) > MAX_TO:  # every kind's own rule is shorter; this is the store's limit, for any kind to come
+        raise InvalidAddress("to", f"at most {MAX_TO} characters")
     held = not_before is not None and not_before > now + timedelta(seconds=1)
     return Row(
         id=new_id(),
@@ -237,7 +260,7 @@ def build_row(
         kind=adapter.kind,
         to=to,
         text=text,
-        options=adapter.merged_options(opts),
+        options={k: v for k, v in opts.items() if v is not None},  # the account's defaults join at send time
         status=SCHEDULED if held else QUEUED,
         segments=adapter.count_segments(text),
         idempotency_key=idempotency_key,
@@ -249,6 +272,17 @@ def build_row(
         enqueued_at=now,
         updated_at=now,
     )
+
+
+def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[Any, Any]) -> None:
+    """Refuse what no database stores exactly (a NUL, a lone surrogate, a non-JSON option value)."""
+    storable.check_text("to", to)
+    storable.check_text("text", text)
+    storable.check_text("idempotency_key", idempotency_key)
+    for name, value in options.items():
+        if not isinstance(name, str) or not name.isprintable() or not name:
+            raise ValidationError("options", f"an option name must be printable text, got {name!r}")
+        storable.check_option(name, value)
 
 
 def _aware(name: str, value: datetime | None) -> datetime | None:
@@ -263,23 +297,6 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
 
 def _row_dict(row: Row) -> dict[str, Any]:
     return {c: getattr(row, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
-
-
-def _drop_known_keys(db: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Leave out rows whose idempotency key is already stored (or repeated in the batch)."""
-    keys = [r["idempotency_key"] for r in rows if r["idempotency_key"]]
-    from sqlalchemy import select
-
-    known = {k for (k,) in db.execute(select(Row.idempotency_key).where(Row.idempotency_key.in_(keys)))}  # type: ignore[union-attr]
-    kept, seen = [], set()
-    for r in rows:
-        k = r["idempotency_key"]
-        if k and (k in known or k in seen):
-            continue
-        if k:
-            seen.add(k)
-        kept.append(r)
-    return kept
 
 
 def _enqueue_or_leave(ids: list[str], batch_size: int = 100) -> None:

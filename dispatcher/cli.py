@@ -41,10 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return int(args.handler(args) or EXIT_OK)
     except (BadInput, ValidationError, ConfigError, NotFound) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return EXIT_BAD_INPUT
     except DispatcherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
@@ -53,6 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"error: {describe_service_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _say_error(exc: BaseException) -> None:
+    """The one error line: first line only, any URL password starred."""
+    from .redact import hide_url_passwords
+
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    print(f"error: {hide_url_passwords(lines[0])}", file=sys.stderr)
 
 
 def _build_parser() -> _Parser:
@@ -210,7 +218,8 @@ def _cmd_schedule_remove(args: argparse.Namespace) -> int:
 
 def _print_schedule(view) -> None:  # type: ignore[no-untyped-def]
     until = f" until {view.until.isoformat()}" if view.until else ""
-    print(f"{view.name}: '{view.cron}' in {view.tz} via {view.provider} to {view.to}{until}")
+    broken = f"  BROKEN: {view.broken}" if view.broken else ""
+    print(f"{view.name}: '{view.cron}' in {view.tz} via {view.provider} to {view.to}{until}{broken}")
     for occ in view.upcoming:
         print(f"  {occ.local.strftime('%Y-%m-%d %H:%M')} {view.tz}   {occ.at.strftime('%Y-%m-%d %H:%M')} UTC")
 
@@ -360,7 +369,7 @@ def _run_celery(which: str, rest: list[str]) -> int:
         require_redis(runtime.settings().redis_url)
         from .worker import app
     except (ConfigError, DispatcherError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _say_error(exc)
         return EXIT_BAD_INPUT if isinstance(exc, ConfigError) else EXIT_FAILURE
     if opts is not None:
         from .supervisor import default_processes, run_workers
@@ -412,7 +421,7 @@ def _parse_opt(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise BadInput(f"--opt: expected KEY=VALUE, got {text!r}")
-    if raw[:1] in "{[":
+    if raw[:1] and raw[0] in "{[":
         try:
             return key, json.loads(raw)
         except ValueError:
@@ -421,14 +430,9 @@ def _parse_opt(text: str) -> tuple[str, Any]:
 
 
 def _hide_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from .redact import hide_url_passwords
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - redis:// URLs and others
-        import re
-
-        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+    return hide_url_passwords(url)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ override the file. Errors name the key and, when the file has one, its line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -20,11 +21,12 @@ from .errors import ConfigError
 DEFAULT_DATABASE_URL = "sqlite:///dispatcher.db"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(?:(\d+)\s*)?(s|sec|second|m|min|minute|h|hour)\s*$")
+_RATE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*/\s*(?:([0-9]+)\s*)?(s|sec|second|m|min|minute|h|hour)\s*")  # fullmatch
 _UNIT_SECONDS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
 # Account keys the dispatcher itself reads; every other key belongs to the provider kind.
 ACCOUNT_KEYS = ("kind", "base_url", "rate_limit", "burst", "timeout", "on_timeout")
 ON_TIMEOUT = ("retry", "unknown")
+MAX_ACCOUNT_NAME = 100  # the store's provider column
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class RateLimit:
 
 def parse_rate_limit(text: str, burst: int | None = None) -> RateLimit:
     """Parse "N/s", "N/m", "N/h" (also "N/5m" for N per five minutes)."""
-    m = _RATE.match(str(text))
+    m = _RATE.fullmatch(str(text))
     if not m:
         raise ValueError(f"must look like '10/s', '600/m' or '1000/h', got {text!r}")
     count, mult, unit = float(m.group(1)), int(m.group(2) or 1), m.group(3)
     if count <= 0 or mult <= 0:
         raise ValueError("must be a positive rate")
-    if burst is not None and (not isinstance(burst, int) or burst < 1):
+    if burst is not None and (not isinstance(burst, int) or isinstance(burst, bool) or burst < 1):
         raise ValueError("burst must be a whole number >= 1")
     return RateLimit(count=count, period=float(mult * _UNIT_SECONDS[unit]), burst=burst or 1)
 
@@ -121,11 +123,16 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
     text = ""
     data: dict[str, Any] = {}
     if path.exists():
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a TOML file is UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or type(exc).__name__}") from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+            raise ConfigError(f"{path}: not valid TOML: {str(exc).splitlines()[0]}") from None
     return _build(data, text, env, str(path) if text else None)
 
 
@@ -170,6 +177,8 @@ def _coerce_general(key: str, value: Any, where: _Locator) -> Any:
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(where.say("dispatcher", key, f"must be a {kind.__name__}, got {value!r}"))
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(where.say("dispatcher", key, f"must be a finite number, got {value!r}"))
     if kind in (int, float) and value <= 0:
         raise ConfigError(where.say("dispatcher", key, "must be greater than zero"))
     return value
@@ -179,16 +188,19 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
     from .providers import adapter_class, known_kinds
 
     table = f"providers.{name}"
+    if not name.isprintable() or len(name) > MAX_ACCOUNT_NAME or not name.strip():
+        raise ConfigError(where.say("providers", None, f"an account name must be 1 to {MAX_ACCOUNT_NAME} printable "
+                                                       f"characters, got {name!r}"))
     kind = raw.get("kind")
     if kind is None:
         raise ConfigError(where.say(table, None, f"missing key 'kind' (one of: {', '.join(known_kinds())})"))
-    if kind not in known_kinds():
+    if not isinstance(kind, str) or kind not in known_kinds():
         raise ConfigError(where.say(table, "kind", f"unknown kind {kind!r} (one of: {', '.join(known_kinds())})"))
     cls = adapter_class(kind)
     base_url = raw.get("base_url")
     if not base_url:
         raise ConfigError(where.say(table, None, "missing key 'base_url' (the provider's API root)"))
-    if not isinstance(base_url, str) or not re.match(r"^https?://[^\s/]+", base_url):
+    if not isinstance(base_url, str) or not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", base_url):
         raise ConfigError(where.say(table, "base_url", f"must be an http(s) URL, got {base_url!r}"))
     burst = raw.get("burst")
     rate_text = raw.get("rate_limit", cls.default_rate_limit)
@@ -199,7 +211,7 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
         except ValueError as exc:
             raise ConfigError(where.say(table, "burst" if "burst" in str(exc) else "rate_limit", str(exc))) from None
     timeout = raw.get("timeout", 10.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) or timeout <= 0:
         raise ConfigError(where.say(table, "timeout", f"must be a number of seconds > 0, got {timeout!r}"))
     on_timeout = raw.get("on_timeout", "retry")
     if on_timeout not in ON_TIMEOUT:
@@ -212,6 +224,9 @@ def _build_account(name: str, raw: dict[str, Any], where: _Locator) -> ProviderA
     for key in cls.credentials:
         if not fields.get(key):
             raise ConfigError(where.say(table, None, f"missing credential {key!r} for kind {kind!r}"))
+        if not isinstance(fields[key], str):
+            raise ConfigError(where.say(table, key, f"must be a string (e.g. \"${{{key.upper()}}}\"), "
+                                                    f"got a {type(fields[key]).__name__}"))
     secret = fields.get("webhook_secret")
     if secret is not None and (not isinstance(secret, str) or not secret):
         raise ConfigError(where.say(table, "webhook_secret", "must be a non-empty string (e.g. \"${WEBHOOK_SECRET}\")"))
@@ -281,4 +296,6 @@ class _Locator:
         line = self.line_of(table, key)
         at = f"{self.source}:{line}: " if line else f"{self.source}: "
         name = f"{table}.{key}" if key else table
+        if not name.isprintable():  # a key with a newline or a control character in it: one line still
+            name = repr(name)
         return f"{at}{name}: {problem}"

@@ -502,7 +502,7 @@ def outbound(m: Message) -> OutboundMessage:
         id=m.id,
         to=m.to,
         text=m.text,
-        options=dict(m.options or {}),
+        options=runtime.adapter_for(m.provider).merged_options(dict(m.options or {})),  # account defaults at send time
         not_before=m.not_before,
         not_after=m.not_after,
         attempt_key=m.attempt_key or m.id,

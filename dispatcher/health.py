@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from . import keys
-from .redact import hide_password
+from .redact import hide_url_passwords
 from .redis_client import shared
 
 log = logging.getLogger("dispatcher.health")
@@ -47,7 +47,7 @@ def check_redis(redis_url: str) -> Check:
     try:
         shared(redis_url).ping()
     except Exception as exc:  # noqa: BLE001
-        return Check("redis", False, f"not reachable at {hide_password(redis_url)} ({type(exc).__name__})")
+        return Check("redis", False, f"not reachable at {hide_url_passwords(redis_url)} ({type(exc).__name__})")
     return Check("redis", True, "answers")
 
 
@@ -61,7 +61,7 @@ def check_store(database_url: str) -> Check:
             db.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return Check("store", False, f"not reachable at {hide_password(database_url)} ({type(exc).__name__}: {reason})")
+        return Check("store", False, f"not reachable at {hide_url_passwords(database_url)} ({type(exc).__name__}: {reason})")
     return Check("store", True, "answers")
 
 

@@ -18,6 +18,7 @@ poller's business, not this module's.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable
@@ -49,13 +50,17 @@ def apply_events(db: Session, message_id: str, events: Iterable[DeliveryEvent], 
     part of a long text other than its last one: the message follows its last part).
     """
     events = list(events)
-    new = queries.add_events(db, message_id, [event_row(e) for e in events])
+    rows: dict[str, dict] = {}
+    for e in events:  # an event id listed twice in one report: its first entry
+        row = event_row(e)
+        rows.setdefault(row["event_id"], row)
+    new = queries.add_events(db, message_id, list(rows.values()))
     final_event = last_final_event(events) if settles else None
     if final_event is not None:
         final = FINAL_BY_EVENT[final_event.status]
         finished = queries.set_status(db, message_id, [ACCEPTED], {
             "status": final, "finished_at": now, "updated_at": now, "due_at": None,
-            "provider_status": final_event.provider_status})
+            "provider_status": fit_word(final_event.provider_status)})
         return Intake(new, final, finished)
     if new and settles:
         latest = _latest_provider_status(db, message_id)
@@ -74,8 +79,24 @@ def last_final_event(events: list[DeliveryEvent]) -> DeliveryEvent | None:
 
 def event_row(e: DeliveryEvent) -> dict:
     """The `events` table row of one DeliveryEvent (message_id is added by the query)."""
-    return {"event_id": e.event_id, "status": e.status, "provider_status": e.provider_status,
+    return {"event_id": fit_event_id(e.event_id), "status": e.status, "provider_status": fit_word(e.provider_status),
             "occurred_at": e.occurred_at, "recorded_at": utcnow(), "detail": e.detail or {}}
+
+
+EVENT_ID_MAX, WORD_MAX = 200, 64  # the store's column sizes
+
+
+def fit_event_id(event_id: str) -> str:
+    """A provider's event id as stored: a longer one keeps its start and a hash of the whole, so it stays unique."""
+    if len(event_id) <= EVENT_ID_MAX:
+        return event_id
+    digest = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{event_id[:EVENT_ID_MAX - 65]}#{digest}"
+
+
+def fit_word(word: str | None) -> str | None:
+    """A provider's status word as stored: cut to the column's size."""
+    return word if word is None or len(word) <= WORD_MAX else word[:WORD_MAX - 1] + "\u2026"
 
 
 def _latest_provider_status(db: Session, message_id: str) -> str | None:

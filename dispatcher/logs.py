@@ -21,7 +21,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from .redact import hide_password, hide_url_secrets, mask
+from .redact import hide_url_passwords, hide_url_secrets, mask
 
 FIELDS = ("message_id", "account", "attempt")
 _PHONE = re.compile(r"(?<![\w+])\+\d{7,15}(?!\d)")
@@ -42,7 +42,7 @@ def scrub(text: str) -> str:
     """Hide phone numbers, URL tokens and passwords, and Bearer credentials in free text."""
     text = _PHONE.sub(lambda m: mask(m.group(0)), text)
     text = _BEARER.sub(r"\1***", text)
-    return hide_password(str(hide_url_secrets(text)))
+    return hide_url_passwords(str(hide_url_secrets(text)))
 
 
 class JsonFormatter(logging.Formatter):

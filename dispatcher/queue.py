@@ -33,7 +33,9 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -
                 )
     except Exception as exc:  # kombu raises several connection error types
         if _is_connection_error(exc):
-            raise BrokerUnavailable(f"cannot reach the broker: {type(exc).__name__}: {exc}") from exc
+            from .redact import hide_url_passwords
+
+            raise BrokerUnavailable(hide_url_passwords(f"cannot reach the broker: {type(exc).__name__}: {exc}")) from exc
         raise
 
 

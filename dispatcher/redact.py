@@ -1,10 +1,13 @@
-"""Masking for logs and printouts: phone numbers never appear whole, URL tokens not at all."""
+"""Masking for logs and printouts: phone numbers never appear whole, URL tokens and passwords not at all."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _URL_TOKEN = re.compile(r"([?&](?:token|secret|key|signature)=)[^&#\s]*", re.IGNORECASE)
+# scheme://user:password@host -> scheme://user:***@host, anywhere in a text (redis://:pw@h too)
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^\s/]*@")
 
 
 def mask(address: str | None) -> str:
@@ -28,6 +31,17 @@ def hide_url_secrets(value: object) -> object:
     return _URL_TOKEN.sub(r"\1***", value)
 
 
-def hide_password(url: str) -> str:
-    """A database or broker URL with its password starred: 'redis://u:***@host/0'."""
-    return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+def hide_url_passwords(text: str) -> str:
+    """`text` with the password of every URL in it starred: "redis://:***@host:6379/0"."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def hide_secrets_in(value: Any) -> Any:
+    """A copy of a nested value (dicts, lists, strings) with URL tokens and passwords starred."""
+    if isinstance(value, str):
+        return hide_url_passwords(str(hide_url_secrets(value)))
+    if isinstance(value, dict):
+        return {k: hide_secrets_in(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hide_secrets_in(v) for v in value]
+    return value

@@ -1,4 +1,7 @@
-"""Human-readable and JSON views of a message, for `dispatcher status` and the demo."""
+"""Human-readable and JSON views of a message, for `dispatcher status` and the demo.
+
+Both show a token inside a URL (a message's own callback_url) and a URL's password as ***.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,13 @@ from dataclasses import asdict
 from typing import Any
 
 from .api import Message
-from .redact import mask
+from .redact import hide_secrets_in, mask
 
 
 def message_as_dict(msg: Message) -> dict[str, Any]:
     data = asdict(msg)
     data["attempts"] = data.pop("attempt_log")
-    return data
+    return hide_secrets_in(data)
 
 
 def _t(value: Any) -> str:
@@ -40,4 +43,4 @@ def format_message(msg: Message, *, full_address: bool = True) -> str:
         lines.append("events")
         for e in msg.events:
             lines.append(f"  {_t(e.occurred_at)} {e.status:<10} {e.provider_status}")
-    return "\n".join(lines)
+    return hide_secrets_in("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import BrokerUnavailable
+from .redact import hide_url_passwords
 
 
 def require_redis(url: str) -> None:
@@ -14,7 +15,7 @@ def require_redis(url: str) -> None:
         client.ping()
     except redis.exceptions.RedisError as exc:
         raise BrokerUnavailable(
-            f"Redis is not reachable at {url} ({type(exc).__name__}); start one with "
+            f"Redis is not reachable at {hide_url_passwords(url)} ({type(exc).__name__}); start one with "
             "`docker compose up -d redis` or `redis-server --daemonize yes`, or set DISPATCHER_REDIS_URL"
         ) from None
     finally:
@@ -22,8 +23,11 @@ def require_redis(url: str) -> None:
 
 
 def describe_service_error(exc: BaseException) -> str:
-    """A one-line description of an unexpected error (connection problems named plainly)."""
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    """A one-line description of an unexpected error (connection problems named plainly).
+
+    The password of any URL in it is starred.
+    """
+    text = hide_url_passwords(f"{type(exc).__name__}: {exc}".splitlines()[0])
     name = type(exc).__name__
     if "OperationalError" in name and "connect" in str(exc).lower():
         return f"the database is not reachable ({text[:200]}); check DISPATCHER_DATABASE_URL"

@@ -12,6 +12,11 @@ with a batched status form (eSMS Africa, up to 100 ids a request) are first chec
 batches, and a message is fetched in full only once the provider has finished with it
 (`_check_in_batches`). Kinds without a status endpoint (esimfly, eSIM Access) never enter
 this loop: their `accepted` is the last thing the dispatcher can know.
+
+One bad row never stops the poll for the others: messages of an account no longer in the config
+are logged with their ids and set aside for `poll_max_interval` (not written off: the account
+may come back), and a message whose answer cannot be read or recorded is logged with its id and
+polled again later, in a savepoint of its own so the rest of the batch is still recorded.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
         ).scalars())
     if not due:
         return report
+    due = _set_aside_unconfigured(due, now, s)
     asked: set[str] = set()
     due = _check_in_batches(due, s, clock, report, asked)
     due, send_at = _within_limits(due, lambda m: m.provider, s)
@@ -90,8 +96,47 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
             if isinstance(events, BaseException):
                 log.info("status poll of %s failed: %s", m.id, type(events).__name__)
                 events = []
-            _take(db, m, events, now, s, report)
+            _take_alone(db, m, events, now, s, report)
     return report
+
+
+def _set_aside_unconfigured(due: list[Message], now: datetime, s: Settings) -> list[Message]:
+    """The messages whose account still has an adapter; the others are logged and polled much later."""
+    problem: dict[str, str | None] = {}  # account -> why it cannot be polled (None: it can)
+    kept: list[Message] = []
+    aside: dict[str, list[str]] = {}
+    for m in due:
+        if m.provider not in problem:
+            try:
+                runtime.adapter_for(m.provider)
+                problem[m.provider] = None
+            except Exception as exc:  # noqa: BLE001 - an account removed from (or broken in) the config
+                problem[m.provider] = str(exc) or type(exc).__name__
+        if problem[m.provider] is None:
+            kept.append(m)
+        else:
+            aside.setdefault(m.provider, []).append(m.id)
+    if aside:
+        later = now + timedelta(seconds=s.poll_max_interval)
+        with session_scope(s.database_url) as db:
+            for account, ids in aside.items():
+                for mid in ids:
+                    queries.set_status(db, mid, [ACCEPTED], {"due_at": later})
+                log.warning("status poll: account %r is not configured (%s); its messages %s are set aside until %s",
+                            account, problem[account], ", ".join(ids), later.isoformat())
+    return kept
+
+
+def _take_alone(db, m: Message, events: list[DeliveryEvent], now: datetime, s: Settings, report: PollReport,
+                provider_status: str | None = None) -> None:
+    """`_take` in a savepoint of its own: a message that cannot be recorded is logged and polled later."""
+    try:
+        with db.begin_nested():
+            _take(db, m, events, now, s, report, provider_status)
+    except Exception as exc:  # noqa: BLE001 - one bad answer never loses the others' events
+        log.warning("status poll: could not record the status of %s: %s: %s", m.id, type(exc).__name__, exc)
+        with db.begin_nested():
+            queries.set_status(db, m.id, [ACCEPTED], {"due_at": next_poll(m.accepted_at or now, now, s)})
 
 
 def _take(db, m: Message, events: list[DeliveryEvent], now: datetime, s: Settings, report: PollReport,
@@ -154,15 +199,20 @@ def _check_in_batches(due: list[Message], s: Settings, clock: Callable[[], datet
                 log.info("batched status check of %d %s messages failed: %s", len(chunk), chunk[0].provider,
                          type(words).__name__)
                 for m in chunk:
-                    _take(db, m, [], now, s, report)
+                    _take_alone(db, m, [], now, s, report)
                 continue
             adapter = runtime.adapter_for(chunk[0].provider)
             for m in chunk:
-                word = words.get(m.provider_ref or "")
-                if word is None or adapter.is_final_word(word):
+                try:
+                    word = words.get(m.provider_ref or "")
+                    final = word is None or adapter.is_final_word(word)
+                except Exception as exc:  # noqa: BLE001 - an answer about one message that cannot be read
+                    log.warning("status check: could not read the word for %s: %s", m.id, type(exc).__name__)
+                    final = True  # fetched in full instead
+                if final:
                     rest.append(m)
                 else:
-                    _take(db, m, [], now, s, report, provider_status=word)
+                    _take_alone(db, m, [], now, s, report, provider_status=word)
     return rest
 
 

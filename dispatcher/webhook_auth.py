@@ -2,8 +2,9 @@
 
 * eSMS Africa signs the raw body: `X-Webhook-Signature: sha256=<hex HMAC-SHA256(secret, body)>`.
 * emnify sends `Authorization: Bearer <JWT>` signed HS256 with the callback secret; the
-  signature is checked and, when the token carries one, its `exp` (with `LEEWAY` seconds of
-  clock skew). No other claim is required.
+  signature is checked, and the token must carry an `exp` that has not passed (with `LEEWAY`
+  seconds of clock skew): a token without one would be good forever once seen. No other
+  claim is required.
 * eMsgNow documents no signature, so the dispatcher puts a shared token in the callback URL
   (`?token=<webhook_secret>`) and checks it.
 
@@ -47,7 +48,7 @@ def verify_esms_signature(secret: str, body: bytes, header: str | None) -> bool:
 
 
 def why_emnify_jwt_fails(secret: str, authorization: str | None) -> str | None:
-    """None when `authorization` is "Bearer <JWT>" signed HS256 with `secret` and not expired."""
+    """None when `authorization` is "Bearer <JWT>" signed HS256 with `secret`, with an exp not passed."""
     if not authorization:
         return "no Authorization header"
     scheme, _, token = authorization.strip().partition(" ")
@@ -55,9 +56,11 @@ def why_emnify_jwt_fails(secret: str, authorization: str | None) -> str | None:
         return "Authorization is not a Bearer token"
     try:
         jwt.decode(token.strip(), secret, algorithms=["HS256"], leeway=LEEWAY,
-                   options={"verify_aud": False, "verify_iat": False, "verify_nbf": True})
+                   options={"verify_aud": False, "verify_iat": False, "verify_nbf": True, "require": ["exp"]})
     except jwt.ExpiredSignatureError:
         return "the JWT has expired"
+    except jwt.MissingRequiredClaimError:
+        return "the JWT carries no exp claim"
     except jwt.InvalidSignatureError:
         return "the JWT signature does not match the callback secret"
     except jwt.InvalidTokenError as exc:

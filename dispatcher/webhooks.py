@@ -14,7 +14,8 @@ delivery webhooks (eMsgNow, eSMS Africa, emnify) are served; each must set `webh
 Answers: 404 unknown account (or one whose kind has no webhooks); 401 {"error": ...} when
 the account has no webhook_secret, or the signature / token / JWT is missing or wrong (logged
 at WARNING with the account and the reason, never the secret nor the credential presented);
-400 for a body that is not JSON or names no message and event; 200 {"stored": n} when the
+400 for a body that is not JSON, names no message and event, or holds text no store can keep
+(a NUL, a lone surrogate); 200 {"stored": n} when the
 message is known (n = events new to the store: 0 for a replay); 202 {"stored": 0,
 "unknown": n} when no message of that account has the provider's id (logged at INFO): a 2xx,
 so the provider does not retry forever for a message this store never sent. But while the
@@ -43,9 +44,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import metrics, runtime
+from . import metrics, runtime, storable
 from .appserver import AppThread, serve_until_signal
 from .config import ProviderAccount, Settings
+from .errors import ValidationError
 from .intake import apply_events
 from .providers import adapter_class
 from .providers.base import WEBHOOK_SECRET_KEY, DeliveryEvent
@@ -105,6 +107,14 @@ def read_emnify(data: Any) -> list[Report]:
     if not reports:
         raise BadBody("no SMS object in the body")
     return reports
+
+
+def _check_storable(data: Any) -> None:
+    """Refuse a body holding text no store can keep (a NUL, a lone surrogate from a \\ud800 escape)."""
+    try:
+        storable.check_option("body", data)
+    except ValidationError as exc:
+        raise BadBody(f"the body holds something the store cannot keep: {exc.rule}") from None
 
 
 READERS: dict[str, Callable[[Any], list[Report]]] = {
@@ -211,6 +221,7 @@ def build_app(settings: Callable[[], Settings] = runtime.settings) -> web.Applic
             return _answer(401, {"error": "unauthorized"})
         try:
             data = json.loads(body)
+            _check_storable(data)
             reports = READERS[account.kind](data)
         except (ValueError, BadBody) as exc:
             why = str(exc) if isinstance(exc, BadBody) else "the body is not JSON"

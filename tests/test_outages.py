@@ -74,10 +74,14 @@ def _texts_at(sandbox, prefix: str) -> Counter:
 
 def test_a_redis_restart_without_persistence_loses_nothing_and_sends_nothing_twice(
         dispatcher_env, sandbox, broker_down, monkeypatch, redis_prefix):
+    from .conftest import write_config
+
     private = PrivateRedis()
     private.start()
     try:
         monkeypatch.setenv("DISPATCHER_REDIS_URL", private.url)
+        # the slow sweep for lost tasks (lost_after) would also find them, much later: keep it out of the way
+        monkeypatch.setenv("DISPATCHER_CONFIG", write_config(dispatcher_env / "restart.toml", sandbox, lost_after=600.0))
         runtime.configure(None)
         sandbox.set_faults("emsgnow", latency_ms=300)
         env = dict(os.environ, DISPATCHER_REDIS_PREFIX=f"{redis_prefix}-restart")

@@ -398,15 +398,15 @@ def test_emnify_jwt_check():
 
     soon = int(time.time()) + 300
     assert verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET, exp=soon))
-    assert verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET))  # exp is checked only when present
-    assert verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET, aud="someone"))
+    assert not verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET))  # a token without exp would be good forever
+    assert verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET, exp=soon, aud="someone"))
     assert why_emnify_jwt_fails(EMNIFY_SECRET, bearer("the-wrong-secret-0123456789abcdefghij", exp=soon)) == \
         "the JWT signature does not match the callback secret"
     assert why_emnify_jwt_fails(EMNIFY_SECRET, bearer(EMNIFY_SECRET, exp=int(time.time()) - 3600)) == \
         "the JWT has expired"
     none_alg = "Bearer " + jwt.encode({"iss": "emnify"}, None, algorithm="none")
     assert not verify_emnify_jwt(EMNIFY_SECRET, none_alg)  # an unsigned token is never enough
-    assert not verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET).replace("Bearer", "Basic"))
+    assert not verify_emnify_jwt(EMNIFY_SECRET, bearer(EMNIFY_SECRET, exp=soon).replace("Bearer", "Basic"))
     assert not verify_emnify_jwt(EMNIFY_SECRET, "Bearer not.a.jwt")
     assert not verify_emnify_jwt(EMNIFY_SECRET, None)
 

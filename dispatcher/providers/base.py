@@ -248,7 +248,7 @@ def parse_time(value: Any, now: float | None = None) -> float | None:
     """
     now = time.time() if now is None else now
     at = _read_time(value, now)
-    if at is None or not math.isfinite(at):
+    if at is None or not math.isfinite(at) or at < 0.0:
         return None
     return min(at, now + MAX_AHEAD)
 
@@ -583,7 +583,7 @@ def require_config(condition: bool, key: str, problem: str) -> None:
 
 # --------------------------------------------------------------------------- RT- request signing
 # esimfly and eSIM Access share one scheme (esimfly in uppercase hex, eSIM Access's HMAC mode in hex).
-ICCID_PATTERN = r"^89\d{16,20}$"  # ITU-T E.118: 18-22 digits starting with the telecom prefix 89
+ICCID_PATTERN = r"89[0-9]{16,20}"  # (fullmatch) ITU-T E.118: 18-22 digits starting with the telecom prefix 89
 
 
 class RtHmacAuth(httpx.Auth):

@@ -98,8 +98,8 @@ LOOKUP_SKEW = 5.0  # seconds emnify's clock may be behind ours when its submit_d
 LOOKUP_PAGE = 1000  # SMS per page of the listing
 LOOKUP_PAGES = 20  # pages read at most before giving up (cannot_tell)
 UCS2_DCS = 8
-_ENDPOINT_ID = re.compile(r"^[1-9][0-9]{0,18}$")
-_SOURCE = re.compile(r"^(?:\+?[0-9]{1,15}|[A-Za-z0-9 ]{1,11})$")  # GSM sender: a number or an 11-character name
+_ENDPOINT_ID = re.compile(r"[1-9][0-9]{0,18}")  # the whole string (fullmatch)
+_SOURCE = re.compile(r"\+?[0-9]{1,15}|[A-Za-z0-9 ]{1,11}")  # (fullmatch) GSM sender: a number or an 11-character name
 _SMS_ID_IN_LOCATION = re.compile(r"/sms/([^/?#]+)/?(?:[?#].*)?$")
 _STATUS = {1: "pending", 2: "accepted", 3: "pending", 4: "delivered", 5: "failed", 6: "expired", 7: "cancelled"}
 _CODE_BY_STATUS = {400: "invalid_request", 401: "auth_failed", 403: "forbidden", 404: "endpoint_not_found",
@@ -388,11 +388,11 @@ class EmnifyAdapter(Adapter):
     has_webhooks = True
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
-        if not isinstance(to, str) or not _ENDPOINT_ID.match(to):
+        if not isinstance(to, str) or not _ENDPOINT_ID.fullmatch(to):
             raise InvalidAddress("to", "must be an emnify endpoint id: a positive integer such as 12345")
         super().validate(to, text, options)
         source = self.merged_options(options).get("source_address")
-        if isinstance(source, bool) or not isinstance(source, (str, int)) or not _SOURCE.match(str(source)):
+        if isinstance(source, bool) or not isinstance(source, (str, int)) or not _SOURCE.fullmatch(str(source)):
             raise InvalidOption("source_address", "must be a sender number of up to 15 digits or a name of up to "
                                                   "11 letters, digits and spaces")
         parts = split(text or "").count

@@ -45,7 +45,7 @@ from .base import (
     utc_iso,
 )
 
-_E164 = re.compile(r"^\+?[1-9]\d{6,14}$")
+_E164 = re.compile(r"\+?[1-9][0-9]{6,14}")  # the whole string (fullmatch), ASCII digits
 _STATUS = {"processing": "accepted", "sent to provider": "accepted", "delivered": "delivered",
            "failed": "failed", "undelivered": "failed", "expired": "expired", "rejected": "failed"}
 
@@ -65,7 +65,7 @@ class EmsgnowAdapter(Adapter):
     no_lookup_reason = "cannot be asked: its reads need the trackingId of the lost answer, and nothing lists messages"
 
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
-        if not isinstance(to, str) or not _E164.match(to):
+        if not isinstance(to, str) or not _E164.fullmatch(to):
             raise InvalidAddress("to", "must be an E.164 phone number such as +14155550123")
         super().validate(to, text, options)
         template = options.get("template_id")
@@ -79,7 +79,7 @@ class EmsgnowAdapter(Adapter):
         if client_id is not None and (not isinstance(client_id, str) or len(client_id) > 100):
             raise InvalidOption("client_id", "must be a string of at most 100 characters")
         callback = self.merged_options(options).get("callback_url")
-        if callback is not None and not re.match(r"^https?://", str(callback)):
+        if callback is not None and not re.match(r"https?://\S+\Z", str(callback)):
             raise InvalidOption("callback_url", "must be an http(s) URL")
 
     def auth(self) -> httpx.Auth:

@@ -61,7 +61,7 @@ from .base import (
 
 SEND_PATH = "/api/v1/open/esim/sendSms"
 AUTH_MODES = ("header", "hmac")
-_ESIM_TRAN_NO = re.compile(r"^\d{1,32}$")
+_ESIM_TRAN_NO = re.compile(r"[0-9]{1,32}")  # the whole string (fullmatch), ASCII digits
 _ICCID = re.compile(ICCID_PATTERN)
 
 _CODES: dict[str, type[RetryLater] | type[Rejected]] = {
@@ -101,10 +101,10 @@ class EsimAccessAdapter(Adapter):
             raise TextTooLong("text", rule)
         iccid = options.get("iccid")
         if iccid is None:
-            if not isinstance(to, str) or not _ESIM_TRAN_NO.match(to):
+            if not isinstance(to, str) or not _ESIM_TRAN_NO.fullmatch(to):
                 raise InvalidAddress("to", "must be an esimTranNo: 1-32 digits (or pass iccid)")
             return
-        if not isinstance(iccid, str) or not _ICCID.match(iccid):
+        if not isinstance(iccid, str) or not _ICCID.fullmatch(iccid):
             raise InvalidOption("iccid", "must be an ICCID: 18-22 digits starting with 89")
         if to not in (None, "", iccid):
             rule = "give either an esimTranNo in to or iccid, not both (with iccid, to may be empty)"

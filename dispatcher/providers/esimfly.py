@@ -110,7 +110,7 @@ class EsimflyAdapter(Adapter):
             rule = f"at most {self.max_length} UTF-16 code units for kind {self.kind!r} (an emoji counts 2)"
             raise TextTooLong("text", rule)
         if options.get("esim_id") is None:
-            if not isinstance(to, str) or not _ICCID.match(to):
+            if not isinstance(to, str) or not _ICCID.fullmatch(to):
                 raise InvalidAddress("to", "must be an ICCID: 18-22 digits starting with 89 (or pass esim_id)")
             return
         esim_id = esim_id_of(options["esim_id"])
@@ -166,14 +166,18 @@ class EsimflyAdapter(Adapter):
 
 
 def esim_id_of(value: Any) -> int | None:
-    """The esim_id option as a positive int (an int, or a string of digits), else None."""
+    """The esim_id option as a positive 64-bit int (an int, or a string of digits), else None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and int(value) > 0:
+        return value if 0 < value <= ESIM_ID_MAX else None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19 \
+            and 0 < int(value) <= ESIM_ID_MAX:
         return int(value)
     return None
+
+
+ESIM_ID_MAX = 2**63 - 1
 
 
 def _request_id(response: httpx.Response) -> str | None:

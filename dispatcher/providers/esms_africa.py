@@ -71,7 +71,7 @@ STATUS_BATCH_MAX = 100
 SCHEDULE_MIN = timedelta(minutes=5)
 SCHEDULE_MAX = timedelta(days=7)
 SCHEDULE_MARGIN = timedelta(seconds=30)
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")  # the whole string (fullmatch)
 _STATUS = {"queued": "pending", "scheduled": "pending", "retrying": "pending", "submitted": "accepted",
            "sent": "accepted", "delivered": "delivered", "failed": "failed", "expired": "expired",
            "cancelled": "cancelled", "canceled": "cancelled", "rejected": "failed", "undelivered": "failed"}
@@ -92,7 +92,7 @@ _CODE_BY_WORDS = (
 # --------------------------------------------------------------------------- pure pieces
 def check_e164(to: Any) -> None:
     """Raise InvalidAddress naming `to` unless it is a valid E.164 number without separators."""
-    if not isinstance(to, str) or not _E164.match(to):
+    if not isinstance(to, str) or not _E164.fullmatch(to):
         raise InvalidAddress("to", "must be an E.164 number: + then country code and number, no spaces "
                                    "or dashes, e.g. +256712345678")
     try:
