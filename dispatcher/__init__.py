@@ -7,6 +7,16 @@
 
 from .api import Attempt, Event, Message, cancel, get, send, send_many
 from .recurring import add_schedule, list_schedules, remove_schedule
+from .campaigns import (
+    Campaign,
+    CampaignRefused,
+    campaign,
+    campaign_status,
+    cancel_campaign,
+    list_campaigns,
+    pause_campaign,
+    resume_campaign,
+)
 from .errors import (
     BrokerUnavailable,
     ConfigError,
@@ -25,6 +35,8 @@ from .errors import (
 __all__ = [
     "Attempt",
     "BrokerUnavailable",
+    "Campaign",
+    "CampaignRefused",
     "ConfigError",
     "DispatcherError",
     "Event",
@@ -39,10 +51,16 @@ __all__ = [
     "UnknownProvider",
     "ValidationError",
     "add_schedule",
+    "campaign",
+    "campaign_status",
     "cancel",
+    "cancel_campaign",
     "get",
+    "list_campaigns",
     "list_schedules",
+    "pause_campaign",
     "remove_schedule",
+    "resume_campaign",
     "send",
     "send_many",
 ]

@@ -15,11 +15,12 @@ from datetime import datetime, timedelta
 from typing import Any, Iterable, Mapping
 
 from . import runtime, storable
-from .errors import BrokerUnavailable, InvalidAddress, InvalidTime, NotFound, TooLate, ValidationError
+from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError
+from .redact import has_url_secret
 from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.keyed import insert_keyed
-from .store.models import ACCEPTED, CANCELLED, FINAL, QUEUED, SCHEDULED, SENDING, Message as Row
+from .store.models import ACCEPTED, CANCELLED, FINAL, PENDING, QUEUED, SCHEDULED, SENDING, Message as Row
 from .store.models import new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
@@ -102,15 +103,24 @@ def send(
     """
     row = build_row(provider, to, text, not_before=not_before, not_after=not_after,
                     idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options)
+    return store_one(row)[0]
+
+
+def store_one(row: Row) -> tuple[Message, bool]:
+    """Store one built row (committed) and enqueue it: (the message, True when it is new).
+
+    With its idempotency key already used, (the first message, False) and nothing new is sent;
+    a concurrent insert of the same key is settled by the store's unique index.
+    """
     s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
         stored = queries.add_message(db, row)
     if stored.id != row.id:
-        return _snapshot(stored)  # the same idempotency key: the first one, nothing new
+        return _snapshot(stored), False  # the same idempotency key: the first one, nothing new
     if stored.status == QUEUED:
         _enqueue_or_leave([stored.id])
-    return _snapshot(stored)
+    return _snapshot(stored), True
 
 
 def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -124,24 +134,42 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     id of that message (nothing new is stored or sent); for a key repeated in the batch, the id
     of its first item. Producers sending overlapping keys at once each get the same ids.
     """
-    s = runtime.settings()
     rows: list[dict[str, Any]] = []
     if isinstance(messages, (str, bytes, Mapping)):
         raise ValidationError("messages", "must be a list (or other iterable) of mappings")
     for index, item in enumerate(messages):
-        rows.append(_row_dict(_build_item(index, item)))
+        rows.append(_build_item(index, item))
+    return store_many(rows)[0]
+
+
+def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
+    """Insert validated rows (row_values) in one transaction and enqueue the new ones in batches.
+
+    Returns one id per row, in order, and how many rows were new: for an idempotency key already
+    stored (or repeated among the rows), the id of the message that holds it, and nothing new is
+    stored or sent for it.
+    """
     if not rows:
-        return []
+        return [], 0
+    rows = [{**_COLUMN_DEFAULTS, **r} for r in rows]  # one bulk insert names every column
+    s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
         ids, inserted = insert_keyed(db, rows)
     new = {r["id"] for r in inserted if r["status"] == QUEUED}
     _enqueue_or_leave([r["id"] for r in rows if r["id"] in new], s.batch_size)
-    return ids
+    return ids, len(inserted)
 
 
-def _build_item(index: int, item: Any) -> Row:
-    """One item of send_many() as a row; its errors name the item (`messages[3].text`)."""
+def build_many(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """send_many()'s validation alone: row values per item, errors naming the item."""
+    if isinstance(messages, (str, bytes, Mapping)):
+        raise ValidationError("messages", "must be a list (or other iterable) of mappings")
+    return [_build_item(index, item) for index, item in enumerate(messages)]
+
+
+def _build_item(index: int, item: Any) -> dict[str, Any]:
+    """One item of send_many() as row values; its errors name the item (`messages[3].text`)."""
     if not isinstance(item, Mapping):
         raise ValidationError(f"messages[{index}]", "must be a mapping with provider, to, text, ...")
     item = dict(item)
@@ -157,7 +185,7 @@ def _build_item(index: int, item: Any) -> Row:
     text = item.pop("text", None)
     opts.update(item)
     try:
-        return build_row(provider, to, text, options=opts, **args)
+        return row_values(provider, to, text, options=opts, **args)
     except ValidationError as exc:
         named = type(exc).__new__(type(exc))  # the same class (UnknownProvider's own __init__ differs)
         ValidationError.__init__(named, f"messages[{index}].{exc.field}", exc.rule)
@@ -186,7 +214,7 @@ def cancel(message_id: str) -> Message:
         row = queries.get_message(db, message_id)
         if row is None:
             raise NotFound(f"no message with id {message_id!r}")
-        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED], {
+        moved = queries.set_status(db, message_id, [SCHEDULED, QUEUED, PENDING], {
             "status": CANCELLED, "finished_at": now, "updated_at": now,
             "error_code": "cancelled", "error": "cancelled before it was sent"})
     if moved or row.status == CANCELLED:
@@ -225,6 +253,23 @@ def build_row(
     options: Mapping[str, Any] | None = None,
 ) -> Row:
     """Validate one send and build its row (not yet stored)."""
+    return Row(**row_values(provider, to, text, not_before=not_before, not_after=not_after,
+                            idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
+
+
+def row_values(
+    provider: str,
+    to: str,
+    text: str | None,
+    *,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    idempotency_key: str | None = None,
+    scheduled_at: datetime | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """build_row's checks, returning the row's column values as a dict: what a bulk insert
+    takes, without building a model object per row (11 µs a row against 76 µs; campaigns.py)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
     runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
@@ -254,7 +299,7 @@ def build_row(
     if len(to) > MAX_TO:  # every kind's own rule is shorter; this is the store's limit, for any kind to come
         raise InvalidAddress("to", f"at most {MAX_TO} characters")
     held = not_before is not None and not_before > now + timedelta(seconds=1)
-    return Row(
+    return dict(
         id=new_id(),
         provider=provider,
         kind=adapter.kind,
@@ -283,6 +328,9 @@ def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[A
         if not isinstance(name, str) or not name.isprintable() or not name:
             raise ValidationError("options", f"an option name must be printable text, got {name!r}")
         storable.check_option(name, value)
+        if has_url_secret(value):  # it would be stored with the message: secrets live in the config only
+            raise InvalidOption(name, "must not carry a token or password: set this URL (with its secret) "
+                                      "on the provider account instead")
 
 
 def _aware(name: str, value: datetime | None) -> datetime | None:
@@ -295,8 +343,13 @@ def _aware(name: str, value: datetime | None) -> datetime | None:
     return value
 
 
-def _row_dict(row: Row) -> dict[str, Any]:
-    return {c: getattr(row, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
+def _column_defaults() -> dict[str, Any]:
+    """Every column of a new row with the value a fresh Row would give it (bulk inserts name them all)."""
+    fresh = Row(id="", provider="", kind="", to="", created_at=utcnow(), updated_at=utcnow())
+    return {c: getattr(fresh, c) for c in Row.__table__.columns.keys()}  # type: ignore[attr-defined]
+
+
+_COLUMN_DEFAULTS = _column_defaults()
 
 
 def _enqueue_or_leave(ids: list[str], batch_size: int = 100) -> None:

@@ -1,5 +1,5 @@
-"""The `dispatcher` command: send, status, cancel, schedule, limits, worker, beat, health, stats, check-config,
-sandbox, webhooks, demo, db.
+"""The `dispatcher` command: send, status, cancel, schedule, campaign, limits, worker, beat, health, stats,
+check-config, sandbox, webhooks, api, api-key, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -142,6 +142,23 @@ def _build_parser() -> _Parser:
     wh.add_argument("--metrics-host", default=os.environ.get("DISPATCHER_METRICS_HOST", "127.0.0.1"))
     wh.set_defaults(handler=_cmd_webhooks)
 
+    ap = sub.add_parser("api", help="serve the HTTP API for producers (keys: dispatcher api-key create NAME)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8781)
+    ap.set_defaults(handler=_cmd_api)
+
+    ak = sub.add_parser("api-key", help="keys of the HTTP API: create (shown once), list, revoke")
+    aksub = ak.add_subparsers(dest="api_key_command", parser_class=_Parser)
+    akc = aksub.add_parser("create", help="create a key; it is printed once, on the last line")
+    akc.add_argument("name")
+    akc.add_argument("--accounts", help="comma-separated provider accounts the key may use (default: all)")
+    akc.set_defaults(handler=_cmd_api_key_create)
+    akl = aksub.add_parser("list", help="every key: name, id, accounts, created, revoked (never the key)")
+    akl.set_defaults(handler=_cmd_api_key_list)
+    akr = aksub.add_parser("revoke", help="revoke a key: it is refused (401) within a second")
+    akr.add_argument("name")
+    akr.set_defaults(handler=_cmd_api_key_revoke)
+
     d = sub.add_parser("demo", help="the whole pipeline on the sandbox, end to end")
     d.add_argument("--keep", action="store_true", help="keep the demo's working directory")
     d.set_defaults(handler=_cmd_demo)
@@ -150,6 +167,10 @@ def _build_parser() -> _Parser:
     dbsub = db.add_subparsers(dest="db_command", parser_class=_Parser)
     up = dbsub.add_parser("upgrade", help="apply every pending migration")
     up.set_defaults(handler=_cmd_db_upgrade)
+
+    from .campaign_cli import add_parser as add_campaign_parser  # `dispatcher campaign ...`
+
+    add_campaign_parser(sub, _Parser)
     return p
 
 
@@ -308,6 +329,49 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         statsview.live(args.interval)
     except KeyboardInterrupt:  # Ctrl-C is how a live view ends
         pass
+    return EXIT_OK
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    from . import runtime
+    from .httpapi import serve
+
+    runtime.settings()  # a broken config is bad input (exit 2) before anything listens
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _cmd_api_key_create(args: argparse.Namespace) -> int:
+    from .api_keys import create_key
+
+    accounts = None if args.accounts is None else [a.strip() for a in args.accounts.split(",") if a.strip()]
+    info, key = create_key(args.name, accounts)
+    scope = ", ".join(info.accounts) if info.accounts is not None else "all accounts"
+    print(f"created API key {info.name} (id {info.id}) for {scope}")
+    print("it is shown only now; store it where your application reads its secrets:")
+    print(key)
+    return EXIT_OK
+
+
+def _cmd_api_key_list(args: argparse.Namespace) -> int:
+    from .api_keys import list_keys
+
+    keys = list_keys()
+    if not keys:
+        print("no API keys (create one: dispatcher api-key create NAME)")
+    for k in keys:
+        scope = ",".join(k.accounts) if k.accounts is not None else "all"
+        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}Z" if k.revoked_at else "active"
+        print(f"{k.name:<24} id {k.id}  accounts {scope:<24} created {k.created_at:%Y-%m-%d %H:%M}Z  {state}")
+    return EXIT_OK
+
+
+def _cmd_api_key_revoke(args: argparse.Namespace) -> int:
+    from .api_keys import revoke_key
+
+    info = revoke_key(args.name)
+    print(f"revoked API key {info.name} (id {info.id})")
     return EXIT_OK
 
 

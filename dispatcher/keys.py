@@ -53,3 +53,8 @@ def activity(bucket: int) -> str:
 def broker_epoch() -> str:
     """A marker the beat sets once; if it is gone, Redis lost its data and every queued task with it."""
     return f"{prefix()}:broker:epoch"
+
+
+def campaign_feeder_lock() -> str:
+    """Held while one campaign feeder round runs, and FEED_INTERVAL after it began (feeder.py)."""
+    return f"{prefix()}:campaigns:feeder"

@@ -39,7 +39,7 @@ from .config import Settings
 from .providers.base import ABSENT, FOUND, LookupResult
 from .store import queries
 from .store.db import session_scope
-from .store.models import ACCEPTED, QUEUED, SENDING, UNKNOWN, Message
+from .store.models import ACCEPTED, QUEUED, UNKNOWN, Message
 
 log = logging.getLogger("dispatcher.recovery")
 BATCH = 1000
@@ -68,16 +68,15 @@ def recover_dead_workers(s: Settings, now: datetime, enqueue: Enqueue) -> Recove
     with session_scope(s.database_url) as db:
         dead = liveness.dead_workers(db, now, s.worker_timeout)
     for worker in dead:
+        seen: set[str] = set()
         while True:
             with session_scope(s.database_url) as db:
-                claims = queries.claims_of(db, worker, BATCH)
-            if not claims:
+                claims = [m for m in queries.claims_of(db, worker, BATCH) if m.id not in seen]
+            if not claims:  # all settled (or left for a later tick: a lookup that cannot tell yet)
                 break
+            seen.update(m.id for m in claims)
             log.warning("worker %s stopped beating with %d claim(s); settling them", worker, len(claims))
-            before = len(done.waiting)
             _settle_claims(claims, s, now, enqueue, done, reason="its worker stopped")
-            if len(done.waiting) > before or len(claims) < BATCH:
-                break
         with session_scope(s.database_url) as db:
             if not queries.claims_of(db, worker, 1):
                 liveness.forget(db, worker)

@@ -31,6 +31,11 @@ def hide_url_secrets(value: object) -> object:
     return _URL_TOKEN.sub(r"\1***", value)
 
 
+def has_url_secret(value: object) -> bool:
+    """Whether a string carries a URL token or password that hide_url_secrets / hide_url_passwords would star."""
+    return isinstance(value, str) and bool(_URL_TOKEN.search(value) or _URL_PASSWORD.search(value))
+
+
 def hide_url_passwords(text: str) -> str:
     """`text` with the password of every URL in it starred: "redis://:***@host:6379/0"."""
     return _URL_PASSWORD.sub(r"\1***@", text)

@@ -22,6 +22,7 @@ from typing import Callable
 
 from . import health, recovery, runtime
 from .config import Settings
+from .feeder import feed_campaigns
 from .recurring import fire_due
 from .store import queries
 from .store.db import ensure_schema, session_scope
@@ -67,6 +68,7 @@ def tick(
         ("release", lambda: _release(s, now, report, enqueue)),
         ("recover", lambda: _recover(s, now, report, enqueue)),
         ("lost tasks", lambda: _lost_tasks(s, now, report, enqueue)),
+        ("campaigns", lambda: feed_campaigns(s, clock, enqueue)),  # as each account's limit allows (feeder.py)
     ]
     for name, step in steps:
         try:

@@ -87,7 +87,7 @@ def test_compose_publishes_only_the_webhook_receiver_and_keeps_the_stores_inside
         assert services[store].get("restart") == "unless-stopped" and "healthcheck" in services[store]
     assert "POSTGRES_HOST_AUTH_METHOD" not in services["postgres"]["environment"]
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
-    for role in ("worker", "beat", "webhooks"):
+    for role in ("worker", "beat", "webhooks", "api"):
         assert "healthcheck" in services[role] and services[role]["restart"] == "unless-stopped"
         assert services[role]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["command"] == ["db", "upgrade"]

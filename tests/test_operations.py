@@ -66,8 +66,24 @@ def publish(env: dict, ids: list[str], batch_size: int = 1) -> None:
     WorkerProcesses(0, env).publish(ids, batch_size=batch_size)
 
 
+# an account whose callback URL carries a secret token (to a closed loopback port: reports go nowhere)
+HOOKED = """
+[providers.hooked]
+kind = "emsgnow"
+base_url = "{url}"
+api_key = "{key}"
+from = "ACME"
+callback_url = "http://127.0.0.1:9/webhooks/hooked?token=s3cr3t-token-value"
+"""
+
+
 def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(worker_env, sandbox, broker_down,
                                                                                tmp_path):
+    from .conftest import write_config
+
+    write_config(tmp_path / "dispatcher.toml", sandbox, extra=HOOKED.format(
+        url=sandbox.base_url("emsgnow"), key=sandbox.credentials("emsgnow")["api_key"]))
+    runtime.configure(None)
     port = free_port()
     env = dict(worker_env, DISPATCHER_LOG_FORMAT="json", DISPATCHER_METRICS_PORT=str(port))
     log_path = tmp_path / "worker.log"
@@ -91,8 +107,7 @@ def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(w
         for pid in pids.values():  # both are the supervisor's children
             assert int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == proc.pid
 
-        callback = "https://hooks.example/webhooks/alerts?token=s3cr3t-token-value"
-        sent = [dispatcher.send("alerts", PHONE, f"hello {i}", callback_url=callback).id for i in range(12)]
+        sent = [dispatcher.send("hooked", PHONE, f"hello {i}").id for i in range(12)]
         refused = [dispatcher.send("badkey", PHONE, "never").id for _ in range(3)]
         # waiting, not sent: one due an hour ago that no task carries, one due tomorrow
         due = dispatcher.send("alerts", PHONE, "stuck")
@@ -109,9 +124,9 @@ def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(w
 
         samples = wait_for(lambda: (lambda s: s if value(s, "dispatcher_sends_total", account="badkey",
                                                           outcome="rejected", code="invalid_api_key") == 3 else None)(scrape(port)))
-        assert value(samples, "dispatcher_sends_total", account="alerts", outcome="accepted", code="") == 12
-        assert value(samples, "dispatcher_send_latency_seconds_count", account="alerts") == 12
-        assert value(samples, "dispatcher_send_latency_seconds_sum", account="alerts") > 0
+        assert value(samples, "dispatcher_sends_total", account="hooked", outcome="accepted", code="") == 12
+        assert value(samples, "dispatcher_send_latency_seconds_count", account="hooked") == 12
+        assert value(samples, "dispatcher_send_latency_seconds_sum", account="hooked") > 0
         assert value(samples, "dispatcher_queue_depth", account="alerts", status="queued") == 1
         assert value(samples, "dispatcher_queue_depth", account="alerts", status="scheduled") == 1
         assert value(samples, "dispatcher_queue_depth", account="alerts", status="sending") == 0
@@ -121,8 +136,8 @@ def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(w
         snapshot = subprocess.run([sys.executable, "-m", "dispatcher.cli", "stats", "--once", "--json"], env=env,
                                   capture_output=True, text=True, timeout=60)
         assert snapshot.returncode == 0, snapshot.stderr
-        alerts = json.loads(snapshot.stdout)["accounts"]["alerts"]
-        assert alerts["recent"]["accepted"] == 12 and alerts["waiting"]["queued"] == 1
+        accounts = json.loads(snapshot.stdout)["accounts"]
+        assert accounts["hooked"]["recent"]["accepted"] == 12 and accounts["alerts"]["waiting"]["queued"] == 1
         assert json.loads(snapshot.stdout)["accounts"]["badkey"]["failures"] == 3
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -133,7 +148,7 @@ def test_two_processes_serve_one_metrics_endpoint_and_log_json_without_secrets(w
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     outcomes = [r for r in records if r.get("logger") == "dispatcher.dispatch" and "->" in r["message"]]
     assert {r["message_id"] for r in outcomes} == set(sent + refused)
-    assert {(r["account"], r["attempt"]) for r in outcomes} == {("alerts", 1), ("badkey", 1)}
+    assert {(r["account"], r["attempt"]) for r in outcomes} == {("hooked", 1), ("badkey", 1)}
     text = log_path.read_text()
     secrets = [sandbox.credentials("emsgnow")["api_key"], "wrong-key", "s3cr3t-token-value", PHONE]
     assert [s for s in secrets if s in text] == []

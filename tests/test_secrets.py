@@ -72,16 +72,23 @@ def test_the_account_callback_token_is_never_stored_nor_shown_yet_is_sent(hooked
     assert ACCOUNT_TOKEN not in _status_outputs(capsys, msg.id)
 
 
-def test_a_token_in_a_message_own_callback_url_is_starred_when_shown(hooked, capsys):
+def test_a_message_own_callback_url_with_a_token_is_refused_and_one_without_is_sent_whole(hooked, capsys):
+    from sqlalchemy import func, select
+
+    from dispatcher.store.models import Message
+
     url = f"https://hooks.example.com/in?account=hooks&token={OWN_TOKEN}"
-    msg = dispatcher.send("hooks", "+14155550123", "hello", callback_url=url)
-    shown = _status_outputs(capsys, msg.id)
-    assert OWN_TOKEN not in shown
-    assert "https://hooks.example.com/in?account=hooks&token=***" in shown
+    with pytest.raises(dispatcher.InvalidOption) as refused:  # it would be stored with the message
+        dispatcher.send("hooks", "+14155550123", "hello", callback_url=url)
+    assert refused.value.field == "callback_url" and OWN_TOKEN not in str(refused.value)
+    with runtime.session() as db:
+        assert db.execute(select(func.count()).select_from(Message)).scalar() == 0  # nothing stored
+    plain = "https://hooks.example.com/in?account=hooks"
+    msg = dispatcher.send("hooks", "+14155550123", "hello", callback_url=plain)
     since = hooked.last_seq
     dispatch_batch([msg.id])
     sent = [r for r in hooked.requests("emsgnow", since=since) if r.path == "/sms"]
-    assert sent[-1].json["callbackUrl"] == url  # the provider gets the message's own URL whole
+    assert sent[-1].json["callbackUrl"] == plain  # the provider gets the message's own URL whole
 
 
 def test_the_status_poll_and_cancel_still_see_the_account_defaults(hooked, monkeypatch):

@@ -81,9 +81,9 @@ def _waiting_on_a_lock(url: str) -> bool:
 
 def _hold_uncommitted(url: str, key: str):
     """Another producer's transaction holding an inserted, not yet committed row with `key`."""
-    from dispatcher.api import _row_dict, build_row
+    from dispatcher.api import _COLUMN_DEFAULTS, row_values
 
-    row = _row_dict(build_row("alerts", "+14155550123", "the other producer", idempotency_key=key))
+    row = {**_COLUMN_DEFAULTS, **row_values("alerts", "+14155550123", "the other producer", idempotency_key=key)}
     conn = get_engine(url).connect()
     tx = conn.begin()
     conn.execute(insert(Message.__table__), [row])

@@ -81,7 +81,7 @@ def _claim_in_child(url: str, ids: list[str], out) -> None:  # type: ignore[no-u
 
 def test_concurrent_processes_claim_each_message_exactly_once(store_url):
     ids = _add(store_url, 60)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a forked child could inherit a lock another thread held
     out = ctx.Queue()
     procs = [ctx.Process(target=_claim_in_child, args=(store_url, ids, out)) for _ in range(4)]
     for p in procs:

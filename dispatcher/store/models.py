@@ -1,4 +1,4 @@
-"""SQLModel tables: messages, their send attempts, and delivery events.
+"""SQLModel tables: messages, their send attempts, delivery events, and bulk campaigns.
 
 Times are stored as UTC and always come back timezone-aware (see UTCDateTime).
 """
@@ -48,6 +48,9 @@ SCHEDULED, QUEUED, SENDING, ACCEPTED = "scheduled", "queued", "sending", "accept
 DELIVERED, FAILED, REJECTED, EXPIRED, CANCELLED, UNKNOWN = (
     "delivered", "failed", "rejected", "expired", "cancelled", "unknown",
 )
+# A campaign's message waiting in the store for its turn: only the campaign feeder (feeder.py)
+# moves it to `queued`, as the account's limit, the sending window and the campaign's state allow.
+PENDING = "pending"
 FINAL = frozenset({DELIVERED, FAILED, REJECTED, EXPIRED, CANCELLED, UNKNOWN})
 WAITING = frozenset({SCHEDULED, QUEUED})
 
@@ -62,6 +65,8 @@ class Message(SQLModel, table=True):
         Index("ix_messages_status_due", "status", "due_at"),
         Index("ix_messages_provider_ref", "provider", "provider_ref"),  # webhooks find a message by the provider's id
         Index("ix_messages_claimed_by", "claimed_by"),  # the reaper finds a dead worker's claims
+        # the feeder takes a campaign's next due rows in file order; status counts per campaign
+        Index("ix_messages_campaign", "campaign_id", "status", "due_at", "campaign_line"),
         UniqueConstraint("idempotency_key", name="uq_messages_idempotency_key"),
     )
 
@@ -97,6 +102,11 @@ class Message(SQLModel, table=True):
     enqueued_at: Optional[datetime] = _dt()  # last time a task for it was published (lost-task sweep)
     accepted_at: Optional[datetime] = _dt()
     finished_at: Optional[datetime] = _dt()
+    # A campaign's message (campaigns.py): its campaign, its line in the file, and the time zone
+    # its sending window is read in when a `tz` column gave one (else the number's own zones).
+    campaign_id: Optional[str] = Field(default=None, max_length=32)
+    campaign_line: Optional[int] = None
+    tz: Optional[str] = Field(default=None, max_length=64)
 
 
 class Attempt(SQLModel, table=True):
@@ -166,3 +176,48 @@ class Schedule(SQLModel, table=True):
     until: Optional[datetime] = _dt()
     cursor: str = Field(max_length=19)  # the last local wall-clock time handled, "YYYY-MM-DDTHH:MM:SS"
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+# Campaign states (interface.md "Bulk campaigns").
+LOADING, RUNNING, PAUSED, DONE = "loading", "running", "paused", "done"
+CAMPAIGN_STATES = (LOADING, RUNNING, PAUSED, CANCELLED, DONE)
+
+
+class Campaign(SQLModel, table=True):
+    """One template sent to many recipients; its rows are messages with its `campaign_id`."""
+
+    __tablename__ = "campaigns"
+    __table_args__ = (
+        UniqueConstraint("idempotency_key", name="uq_campaigns_idempotency_key"),
+        Index("ix_campaigns_state", "state"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: Optional[str] = Field(default=None, max_length=200)
+    provider: str = Field(max_length=100)
+    template: str = Field(sa_column=Column(Text, nullable=False))
+    options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    to_field: str = Field(default="to", max_length=100)
+    state: str = Field(default=LOADING, max_length=16)
+    idempotency_key: Optional[str] = Field(default=None, sa_column=Column(String(200), nullable=True))
+    not_before: Optional[datetime] = _dt()
+    not_after: Optional[datetime] = _dt()
+    window: Optional[str] = Field(default=None, max_length=11)  # "HH:MM-HH:MM" in each recipient's time
+    total: int = 0  # valid rows stored
+    invalid_count: int = 0
+    segments: int = 0  # SMS parts of every stored row together
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    loaded_at: Optional[datetime] = _dt()  # every row read
+    finished_at: Optional[datetime] = _dt()  # nothing of it waits any more (done, or cancelled and swept)
+
+
+class CampaignError(SQLModel, table=True):
+    """A row of a campaign's input that was skipped: its line and why."""
+
+    __tablename__ = "campaign_errors"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    campaign_id: str = Field(max_length=32, index=True)
+    line: int
+    reason: str = Field(sa_column=Column(Text, nullable=False))

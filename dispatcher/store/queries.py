@@ -19,6 +19,7 @@ from .models import (
     SCHEDULED,
     SENDING,
     Attempt,
+    Campaign,
     Event,
     Message,
 )
@@ -114,6 +115,8 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
             M.c.status == QUEUED,
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
+            # a campaign's message goes only while its campaign runs: paused / cancelled take hold here
+            or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == "running"))),
         )
         .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now,
                 claim_token=token, claimed_by=worker, started_at=None)

@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from dispatcher.store import models  # noqa: F401  (registers the tables)
+from dispatcher.store import api_keys  # noqa: F401  (the HTTP API's keys)
 from sqlmodel import SQLModel
 
 config = context.config

@@ -1,0 +1,507 @@
+"""Bulk campaigns: one template to many recipients, loaded in chunks and fed to the broker.
+
+    c = dispatcher.campaign("alerts", rows, "Hi {name}, see you at {time}", window="09:00-20:00")
+    dispatcher.campaign_status(c.id).counts          # {"pending": 180000, "accepted": 20000, ...}
+    dispatcher.pause_campaign(c.id); dispatcher.resume_campaign(c.id); dispatcher.cancel_campaign(c.id)
+
+Loading streams: rows are read, validated (api.build_row: the very checks of send()),
+rendered and stored `CHUNK` at a time, each chunk one executemany and one commit, so memory
+stays flat whatever the size and the workers keep the store between chunks. A row that cannot
+be sent is skipped and recorded with its line and reason; with `strict` any such row refuses
+the whole campaign and whatever was stored of it is deleted again.
+
+The messages wait in the store as `pending`; the campaign feeder (feeder.py, a step of the
+beat tick) hands them to the broker as the account's limit, their window and the campaign's
+state allow. The campaign's states:
+
+    loading --(every row read)--> running --(nothing left waiting)--> done
+    loading | running <--pause / resume--> paused        any but done --cancel--> cancelled
+
+Pause and cancel hold at once for every worker: the claim (queries.claim) takes a campaign's
+message only while its campaign is `running`, and the messages already in the broker go back
+to `pending` (pause) or end `cancelled` (cancel).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable, Mapping
+
+from . import runtime
+from .api import row_values
+from .csvrows import UnreadableRow
+from .errors import InvalidTime, NotFound, TooLate, ValidationError
+from .redact import mask
+from .segments import count_segments
+from .store import campaign_queries as cq
+from .store.db import ensure_schema, session_scope
+from .store.models import (
+    CANCELLED,
+    DONE,
+    LOADING,
+    PAUSED,
+    PENDING,
+    QUEUED,
+    RUNNING,
+    Campaign as CampaignRow,
+    Message as MessageRow,
+    utcnow,
+)
+from .template import Template
+from .window import Window, parse_window, zone, zones_for_number
+
+log = logging.getLogger("dispatcher.campaigns")
+CHUNK = 2000  # rows validated, rendered and stored per transaction
+SHOWN_INVALID = 1000  # skipped rows listed by campaign()/campaign_status(); all are stored
+SAMPLES = 3  # rendered rows a dry run shows
+RATE_WINDOW = timedelta(seconds=60)  # the send rate is measured over this much of the recent past
+TZ_COLUMN = "tz"
+_COLUMNS = [c.name for c in MessageRow.__table__.columns]  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A rendered row of a dry run (the recipient masked)."""
+
+    line: int
+    to: str
+    text: str
+    segments: int
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A campaign as it stands. For a dry run `id` is None and `samples` holds rendered rows."""
+
+    id: str | None
+    name: str | None
+    provider: str
+    state: str
+    total: int  # valid rows (stored, or that would be stored by a dry run)
+    invalid: tuple[InvalidRow, ...]  # the first SHOWN_INVALID skipped rows, by line
+    invalid_count: int
+    segments: int
+    counts: dict[str, int] = field(default_factory=dict)  # message status -> number
+    window: str | None = None
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    created_at: datetime | None = None
+    created: bool = True  # False: the idempotency key was already used; this is the first campaign
+    dry_run: bool = False
+    samples: tuple[Sample, ...] = ()
+    rate_per_s: float | None = None  # messages accepted per second lately
+    eta_seconds: float | None = None  # time to send what still waits, at that rate
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (`dispatcher campaign status --json`, the HTTP API)."""
+        return {
+            "id": self.id, "name": self.name, "provider": self.provider, "state": self.state, "total": self.total,
+            "invalid": [{"line": r.line, "reason": r.reason} for r in self.invalid],
+            "invalid_count": self.invalid_count, "segments": self.segments, "counts": dict(self.counts),
+            "window": self.window, "not_before": _iso(self.not_before), "not_after": _iso(self.not_after),
+            "created_at": _iso(self.created_at), "rate_per_s": self.rate_per_s, "eta_seconds": self.eta_seconds,
+            **({"dry_run": True, "samples": [vars(s) for s in self.samples]} if self.dry_run else {}),
+        }
+
+
+class CampaignRefused(ValidationError):
+    """`strict`: at least one row was invalid, so nothing of the campaign was stored."""
+
+    def __init__(self, invalid: list[InvalidRow], invalid_count: int) -> None:
+        self.invalid, self.invalid_count = tuple(invalid), invalid_count
+        first = "; ".join(f"line {r.line}: {r.reason}" for r in invalid[:3])
+        more = f" (and {invalid_count - 3} more)" if invalid_count > 3 else ""
+        super().__init__("rows", f"{invalid_count} invalid row(s), so nothing was stored (strict): {first}{more}")
+
+
+# --------------------------------------------------------------------------- the Python API
+def campaign(
+    provider: str,
+    rows: Iterable[Mapping[str, Any]],
+    template: str,
+    *,
+    to_field: str = "to",
+    name: str | None = None,
+    idempotency_key: str | None = None,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    window: str | None = None,
+    strict: bool = False,
+    dry_run: bool = False,
+    **options: Any,
+) -> Campaign:
+    """Store a campaign of `template` to every row of `rows`; returns it (with `.id`) once loaded.
+
+    `rows` is any iterable of mappings (a generator over a database cursor works; a CSV via
+    csvrows.read_csv keeps the file's line numbers). `to_field` names the recipient; every
+    key is a template variable (`{name}`). `window` ("09:00-20:00") is read in each
+    recipient's zone: a `tz` key gives it, else the number's prefix does. Options are the
+    kind's extras, as for send(). Raises a ValidationError naming the field for a bad
+    campaign (unknown account, bad template or window, naive datetime), CampaignRefused with
+    `strict` and any bad row. The same `idempotency_key` again returns the first campaign.
+    """
+    return create_campaign(provider, rows, template, to_field=to_field, name=name, idempotency_key=idempotency_key,
+                           not_before=not_before, not_after=not_after, window=window, strict=strict,
+                           dry_run=dry_run, options=options)
+
+
+def create_campaign(
+    provider: str,
+    rows: Iterable[Mapping[str, Any]],
+    template: str,
+    *,
+    to_field: str = "to",
+    name: str | None = None,
+    idempotency_key: str | None = None,
+    not_before: datetime | None = None,
+    not_after: datetime | None = None,
+    window: str | Window | None = None,
+    strict: bool = False,
+    dry_run: bool = False,
+    options: Mapping[str, Any] | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    chunk: int = CHUNK,
+) -> Campaign:
+    """campaign() with the clock and chunk size injectable (tests, benchmarks)."""
+    spec = _Spec.check(provider, template, to_field, name, idempotency_key, not_before, not_after, window,
+                       dict(options or {}), getattr(rows, "columns", None), clock())
+    if dry_run:
+        return _dry_run(spec, rows, clock)
+    s = runtime.settings()
+    ensure_schema(s.database_url)
+    now = clock()
+    row = CampaignRow(name=name, provider=provider, template=template, options=_json_options(spec.options),
+                      to_field=to_field, state=LOADING, idempotency_key=idempotency_key, not_before=not_before,
+                      not_after=not_after, window=str(spec.window) if spec.window else None, created_at=now,
+                      updated_at=now)
+    with session_scope(s.database_url) as db:
+        stored, created = cq.add_campaign(db, row)
+    if not created:
+        log.info("campaign %s: idempotency key already used; nothing new stored", stored.id)
+        return campaign_status(stored.id, created=False)
+    loader = _Loader(spec, stored.id, s.database_url, clock, chunk, strict)
+    loader.load(rows)
+    return campaign_status(stored.id)
+
+
+def campaign_status(campaign_id: str, *, created: bool = True, clock: Callable[[], datetime] = utcnow) -> Campaign:
+    """The campaign with its counts per message status, send rate and time to finish."""
+    with runtime.session() as db:
+        c = cq.get_campaign(db, campaign_id)
+        if c is None:
+            raise NotFound(f"no campaign with id {campaign_id!r}")
+        counts = cq.counts(db, campaign_id)
+        invalid = [InvalidRow(line, reason) for line, reason in cq.errors(db, campaign_id, SHOWN_INVALID)]
+        now = clock()
+        since = now - RATE_WINDOW
+        recent = cq.accepted_since(db, campaign_id, since) if counts.get("accepted") or counts.get("delivered") else 0
+        first = cq.first_accepted(db, campaign_id) if recent else None
+    rate = eta = None
+    if recent and first is not None:
+        span = max((now - max(first, since)).total_seconds(), 1.0)
+        rate = round(recent / span, 2)
+        waiting = sum(counts.get(st, 0) for st in cq.UNSETTLED_STATUSES)
+        eta = round(waiting / rate, 1) if c.state in (RUNNING, LOADING) else None
+    return Campaign(
+        id=c.id, name=c.name, provider=c.provider, state=c.state, total=c.total, invalid=tuple(invalid),
+        invalid_count=c.invalid_count, segments=c.segments, counts=counts, window=c.window, not_before=c.not_before,
+        not_after=c.not_after, created_at=c.created_at, created=created, rate_per_s=rate, eta_seconds=eta,
+    )
+
+
+def list_campaigns(limit: int = 100) -> list[Campaign]:
+    """The latest campaigns, newest first (without per-status counts: see campaign_status)."""
+    with runtime.session() as db:
+        rows = cq.list_campaigns(db, limit)
+    return [Campaign(id=c.id, name=c.name, provider=c.provider, state=c.state, total=c.total, invalid=(),
+                     invalid_count=c.invalid_count, segments=c.segments, window=c.window, not_before=c.not_before,
+                     not_after=c.not_after, created_at=c.created_at) for c in rows]
+
+
+def pause_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
+    """No further message of the campaign is handed to a provider until resume_campaign().
+
+    Takes hold at once on every worker: the claim needs a running campaign, and what the
+    broker already holds goes back to `pending`. Messages already being sent finish.
+    Pausing a paused campaign changes nothing; a cancelled or done one raises TooLate.
+    """
+    now = clock()
+    with runtime.session() as db:
+        c = _existing(db, campaign_id)
+        if c.state == PAUSED:
+            return campaign_status(campaign_id)
+        if not cq.set_campaign(db, campaign_id, [RUNNING, LOADING], {"state": PAUSED, "updated_at": now}):
+            raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be paused")
+        back = cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))
+    log.info("campaign %s paused (%d message(s) taken back from the broker)", campaign_id, back)
+    return campaign_status(campaign_id)
+
+
+def resume_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
+    """A paused campaign goes on where it stopped (the feeder hands its messages over again)."""
+    now = clock()
+    with runtime.session() as db:
+        c = _existing(db, campaign_id)
+        if c.state in (RUNNING, LOADING):
+            return campaign_status(campaign_id)
+        state = RUNNING if c.loaded_at is not None else LOADING
+        if not cq.set_campaign(db, campaign_id, [PAUSED], {"state": state, "updated_at": now}):
+            raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be resumed")
+        cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))  # strays of the pause
+    log.info("campaign %s resumed", campaign_id)
+    return campaign_status(campaign_id)
+
+
+def cancel_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
+    """Every message of the campaign not yet handed to a provider ends `cancelled`; sent ones stay.
+
+    Cancelling a cancelled campaign changes nothing; a done one raises TooLate.
+    """
+    now = clock()
+    with runtime.session() as db:
+        c = _existing(db, campaign_id)
+        if c.state == CANCELLED:
+            return campaign_status(campaign_id)
+        if not cq.set_campaign(db, campaign_id, [LOADING, RUNNING, PAUSED], {"state": CANCELLED, "updated_at": now}):
+            raise TooLate(f"campaign {campaign_id} is already {c.state}; nothing is left to cancel")
+    cancelled = sweep_cancelled(campaign_id, now)
+    log.info("campaign %s cancelled (%d message(s) will not be sent)", campaign_id, cancelled)
+    return campaign_status(campaign_id)
+
+
+def sweep_cancelled(campaign_id: str, now: datetime, chunk: int = 20000) -> int:
+    """End a cancelled campaign's waiting messages as `cancelled`, a chunk per transaction (so
+    the workers keep the store between them); the claim guard already stops them all."""
+    url = runtime.settings().database_url
+    values = {"status": CANCELLED, "finished_at": now, "updated_at": now, "error_code": "cancelled",
+              "error": "the campaign was cancelled before this message was sent"}
+    total = 0
+    while True:
+        with session_scope(url) as db:
+            moved = cq.move(db, campaign_id, cq.WAITING_STATUSES, values, chunk)
+        total += moved
+        if moved < chunk:
+            return total
+
+
+def _existing(db: Any, campaign_id: str) -> CampaignRow:
+    c = cq.get_campaign(db, campaign_id)
+    if c is None:
+        raise NotFound(f"no campaign with id {campaign_id!r}")
+    return c
+
+
+# --------------------------------------------------------------------------- checking and loading
+@dataclass
+class _Spec:
+    """What every row of a campaign shares, checked once before any row is read."""
+
+    provider: str
+    template: Template
+    to_field: str
+    not_before: datetime | None
+    not_after: datetime | None
+    window: Window | None
+    options: dict[str, Any]
+
+    @classmethod
+    def check(cls, provider: str, template: str, to_field: str, name: str | None, idempotency_key: str | None,
+              not_before: datetime | None, not_after: datetime | None, window: str | Window | None,
+              options: dict[str, Any], columns: list[str] | None, now: datetime) -> "_Spec":
+        if not isinstance(provider, str) or not provider:
+            raise ValidationError("provider", "must be the name of a configured provider account")
+        runtime.settings().account(provider)  # UnknownProvider names the configured accounts
+        tmpl = Template(template)
+        if not isinstance(to_field, str) or not to_field:
+            raise ValidationError("to_column", "must name the column holding the recipient")
+        if name is not None and (not isinstance(name, str) or len(name) > 200):
+            raise ValidationError("name", "must be a string of at most 200 characters")
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 200):
+            raise ValidationError("idempotency_key", "must be a string of 1 to 200 characters")
+        for label, value in (("not_before", not_before), ("not_after", not_after)):
+            if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+                raise InvalidTime(label, "must be a timezone-aware datetime")
+        if not_after is not None and not_after <= now:
+            raise InvalidTime("not_after", "is already in the past")
+        if not_before is not None and not_after is not None and not_after <= not_before:
+            raise InvalidTime("not_after", "must be later than not_before")
+        if columns is not None:
+            if to_field not in columns:
+                raise ValidationError("to_column", f"no column {to_field!r} in the header (columns: {', '.join(columns)})")
+            missing = [f for f in tmpl.fields if f not in columns]
+            if missing:
+                raise ValidationError("template", f"uses {{{missing[0]}}}, which is not a column of the file "
+                                                  f"(columns: {', '.join(columns)})")
+        return cls(provider, tmpl, to_field, not_before, not_after, parse_window(window), options)
+
+
+class _Invalid(Exception):
+    """One row that cannot be sent: why."""
+
+
+def _prepare(spec: _Spec, item: Any, line: int, now: datetime) -> dict[str, Any]:
+    """Validate and render one row into a message row (a dict of column values); raises _Invalid.
+
+    The checks are send()'s own (api.row_values, the body of api.build_row)."""
+    if isinstance(item, UnreadableRow):
+        raise _Invalid(item.reason)
+    if not isinstance(item, Mapping):
+        raise _Invalid(f"not a mapping of column to value ({type(item).__name__})")
+    to = item.get(spec.to_field)
+    to = to.strip() if isinstance(to, str) else (None if to is None else str(to))
+    try:
+        text = spec.template.render(item)
+        values = row_values(spec.provider, to or "", text, not_before=spec.not_before, not_after=spec.not_after,
+                            options=spec.options)
+    except ValidationError as exc:
+        raise _Invalid(f"{spec.to_field}: {exc.rule}" if exc.field == "to" else str(exc)) from None
+    due = max(now, spec.not_before) if spec.not_before is not None else now
+    tz = None
+    if spec.window is not None:
+        given = item.get(TZ_COLUMN)
+        if isinstance(given, str) and given.strip():
+            try:
+                tz = zone(given.strip())
+            except ValidationError as exc:
+                raise _Invalid(str(exc)) from None
+            zones: tuple[str, ...] | None = (tz,)
+        else:
+            zones = zones_for_number(values["to"])
+            if zones is None:
+                raise _Invalid(f"{spec.to_field}: no time zone is known for this number: give a {TZ_COLUMN} column")
+        opens = spec.window.next_open(due, zones)
+        if opens is None:
+            raise _Invalid(f"{spec.to_field}: the number spans time zones ({', '.join(zones)}) that never share the "
+                           f"window {spec.window}: give a {TZ_COLUMN} column")
+        due = opens
+    values.update(status=PENDING, due_at=due, campaign_line=line, tz=tz)
+    return values
+
+
+def _numbered(rows: Iterable[Any]) -> Iterable[tuple[int, Any]]:
+    """(line, row): the row's own line when it has one (csvrows), else its 1-based position."""
+    for position, item in enumerate(rows, start=1):
+        yield getattr(item, "line", None) or position, item
+
+
+class _Loader:
+    """Reads rows into the store a chunk at a time (see the module docstring)."""
+
+    def __init__(self, spec: _Spec, campaign_id: str, url: str, clock: Callable[[], datetime], chunk: int,
+                 strict: bool) -> None:
+        self.spec, self.id, self.url, self.clock, self.chunk, self.strict = spec, campaign_id, url, clock, chunk, strict
+        self.invalid: list[InvalidRow] = []
+        self.invalid_count = 0
+        self.stopped = False  # cancelled while loading
+        self._defaults: dict[str, Any] | None = None
+
+    def load(self, rows: Iterable[Any]) -> None:
+        try:
+            self._read(rows)
+        except BaseException:
+            log.exception("campaign %s: loading failed; deleting what was stored of it", self.id)
+            self._delete()
+            raise
+        if self.strict and self.invalid_count:
+            self._delete()
+            raise CampaignRefused(self.invalid, self.invalid_count)
+        now = self.clock()
+        with session_scope(self.url) as db:
+            cq.set_campaign(db, self.id, None, {"loaded_at": now, "updated_at": now})
+            cq.set_campaign(db, self.id, [LOADING], {"state": RUNNING})  # a pause or cancel meanwhile stays
+        if self.stopped:
+            sweep_cancelled(self.id, now)
+
+    def _read(self, rows: Iterable[Any]) -> None:
+        good: list[dict[str, Any]] = []
+        bad: list[tuple[int, str]] = []
+        now = self.clock()
+        for line, item in _numbered(rows):
+            try:
+                values = _prepare(self.spec, item, line, now)
+            except _Invalid as exc:
+                bad.append((line, str(exc)))
+                self.invalid_count += 1
+                if len(self.invalid) < SHOWN_INVALID:
+                    self.invalid.append(InvalidRow(line, str(exc)))
+            else:
+                if not (self.strict and self.invalid_count):  # strict: nothing more is stored after a bad row
+                    good.append(self._complete(values))
+            if len(good) + len(bad) >= self.chunk:
+                if not self._store(good, bad):
+                    return
+                good, bad = [], []
+                now = self.clock()
+        self._store(good, bad)
+
+    def _complete(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The message row to insert: the values given over the model's defaults. Columns that
+        stay NULL are left out (the same for every row, as an executemany needs): half of the
+        columns, and half of the per-row work of binding parameters."""
+        if self._defaults is None:
+            model = MessageRow(**values)
+            self._defaults = {c: getattr(model, c) for c in _COLUMNS
+                              if c in values or getattr(model, c) is not None}
+        row = dict(self._defaults)
+        row.update(values, campaign_id=self.id)
+        return row
+
+    def _store(self, good: list[dict[str, Any]], bad: list[tuple[int, str]]) -> bool:
+        """Store one chunk in one transaction; False once the campaign was cancelled meanwhile."""
+        from .store import queries
+
+        with session_scope(self.url) as db:
+            c = cq.get_campaign(db, self.id)
+            if c is None or c.state == CANCELLED:
+                self.stopped = True
+                return False
+            if not (self.strict and self.invalid_count):
+                queries.add_messages(db, good)
+                cq.add_errors(db, self.id, bad)
+                cq.add_to_counts(db, self.id, len(good), len(bad), sum(v["segments"] for v in good), self.clock())
+        return True
+
+    def _delete(self) -> None:
+        while True:
+            with session_scope(self.url) as db:
+                if not cq.delete_campaign(db, self.id, 20000):
+                    return
+
+
+def _dry_run(spec: _Spec, rows: Iterable[Any], clock: Callable[[], datetime]) -> Campaign:
+    now = clock()
+    total = segments = invalid_count = 0
+    invalid: list[InvalidRow] = []
+    samples: list[Sample] = []
+    for line, item in _numbered(rows):
+        try:
+            values = _prepare(spec, item, line, now)
+        except _Invalid as exc:
+            invalid_count += 1
+            if len(invalid) < SHOWN_INVALID:
+                invalid.append(InvalidRow(line, str(exc)))
+            continue
+        total += 1
+        segments += values["segments"]
+        if len(samples) < SAMPLES:
+            text = values["text"] or ""
+            samples.append(Sample(line, mask(values["to"]), text, count_segments(text).count))
+    return Campaign(id=None, name=None, provider=spec.provider, state="dry-run", total=total, invalid=tuple(invalid),
+                    invalid_count=invalid_count, segments=segments, window=str(spec.window) if spec.window else None,
+                    not_before=spec.not_before, not_after=spec.not_after, dry_run=True, samples=tuple(samples))
+
+
+def _json_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else str(v)) for k, v in options.items()}
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
