@@ -28,6 +28,8 @@ duplicates cheap and its losses short:
   missing marker key and publishes every queued message again (recovery.resync_if_broker_lost).
 * The default pool is threads: every task of a process shares one event loop and one HTTP
   connection pool (transport.py), so a process keeps many requests in flight.
+* The broker is the Redis at DISPATCHER_REDIS_URL unless DISPATCHER_BROKER_URL names another
+  (amqp://... for RabbitMQ); Redis stays the rate limiter's store either way.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from . import keys, runtime
+from . import beatlock, keys, logs, runtime
 from .keys import TASK_POLL, TASK_TICK
 
 
 def create_app(prefix: str | None = None) -> Celery:
     """The Celery app for the configured Redis; `prefix` overrides DISPATCHER_REDIS_PREFIX."""
     s = runtime.settings()
-    celery = Celery("dispatcher", broker=s.redis_url, set_as_current=False)
+    broker = s.broker_url or s.redis_url
+    celery = Celery("dispatcher", broker=broker, set_as_current=False)
     celery.conf.update(
         task_ignore_result=True,
         task_acks_late=True,
@@ -58,12 +61,7 @@ def create_app(prefix: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options={
-            "visibility_timeout": 3600,
-            "global_keyprefix": f"{prefix or keys.prefix()}:",
-            "socket_connect_timeout": 3,
-            "socket_timeout": 10,
-        },
+        broker_transport_options=_transport_options(broker, prefix or keys.prefix()),
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         beat_schedule={
             "dispatcher-tick": {"task": TASK_TICK, "schedule": s.tick_seconds, "options": {"expires": 30}},
@@ -74,4 +72,15 @@ def create_app(prefix: str | None = None) -> Celery:
     return celery
 
 
+def _transport_options(broker: str, prefix: str) -> dict:
+    """Redis: every broker key under the deployment's prefix, short socket timeouts. RabbitMQ
+    separates deployments by virtual host (the URL's path), and needs no options here."""
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return {}
+    return {"visibility_timeout": 3600, "global_keyprefix": f"{prefix}:", "socket_connect_timeout": 3,
+            "socket_timeout": 10}
+
+
 app = create_app()
+logs.celery_hooks()  # DISPATCHER_LOG_FORMAT=json for the worker's and beat's own handlers
+beatlock.celery_hooks()  # exactly one beat publishes ticks

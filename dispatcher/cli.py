@@ -1,4 +1,5 @@
-"""The `dispatcher` command: send, status, cancel, schedule, campaign, limits, worker, beat, check-config, sandbox, webhooks, api, api-key, demo, db.
+"""The `dispatcher` command: send, status, cancel, schedule, campaign, limits, worker, beat, health, stats,
+check-config, sandbox, webhooks, api, api-key, demo, db.
 
 Exit status: 0 on success, 2 on bad input (one line saying why), 1 on any other failure.
 """
@@ -107,8 +108,21 @@ def _build_parser() -> _Parser:
     lm = sub.add_parser("limits", help="each account's rate limit, any pause its provider asked for, the next free slot")
     lm.set_defaults(handler=_cmd_limits)
 
-    sub.add_parser("worker", help="run a Celery worker (further options go to celery worker)")
+    sub.add_parser("worker", help="run the worker: --processes N (default: one per CPU core), --metrics-port N; "
+                                  "further options go to celery worker")
     sub.add_parser("beat", help="run the Celery beat (further options go to celery beat)")
+
+    he = sub.add_parser("health", help="exit 0 when Redis, the store and the beat are healthy, 1 naming what is not")
+    he.add_argument("--json", action="store_true", help="machine-readable output")
+    he.add_argument("--check", action="append", choices=["redis", "store", "beat"],
+                    help="only these checks (repeatable; default all), e.g. a worker's liveness probe")
+    he.set_defaults(handler=_cmd_health)
+
+    sa = sub.add_parser("stats", help="live view of queue depth, rates, throttling and failures per account")
+    sa.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    sa.add_argument("--json", action="store_true", help="machine-readable output (one object per snapshot)")
+    sa.add_argument("--interval", type=float, default=2.0, help="seconds between redraws (default 2)")
+    sa.set_defaults(handler=_cmd_stats)
 
     cc = sub.add_parser("check-config", help="validate the config file and environment; prints no secret")
     cc.add_argument("--file", help="path of the TOML file (default $DISPATCHER_CONFIG or ./dispatcher.toml)")
@@ -123,6 +137,9 @@ def _build_parser() -> _Parser:
     wh = sub.add_parser("webhooks", help="receive delivery reports (eMsgNow, eSMS Africa, emnify) at /webhooks/ACCOUNT")
     wh.add_argument("--host", default="127.0.0.1")
     wh.add_argument("--port", type=int, default=8780)
+    wh.add_argument("--metrics-port", type=int, default=_env_int("DISPATCHER_METRICS_PORT"),
+                    help="serve Prometheus metrics on this port (default $DISPATCHER_METRICS_PORT; none)")
+    wh.add_argument("--metrics-host", default=os.environ.get("DISPATCHER_METRICS_HOST", "127.0.0.1"))
     wh.set_defaults(handler=_cmd_webhooks)
 
     ap = sub.add_parser("api", help="serve the HTTP API for producers (keys: dispatcher api-key create NAME)")
@@ -266,9 +283,52 @@ def _cmd_webhooks(args: argparse.Namespace) -> int:
     from . import runtime
     from .webhooks import serve
 
+    from .logs import configure
+
     runtime.settings()  # a broken config is bad input (exit 2) before anything listens
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(logging.INFO)
+    if args.metrics_port is not None:
+        from . import metrics
+
+        metrics.serve(args.metrics_port, args.metrics_host)
     serve(host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from . import health
+
+    results = health.run(tuple(args.check or health.CHECKS))
+    if args.json:
+        print(json.dumps(health.as_dict(results), indent=2))
+    else:
+        for c in results:
+            print(f"{c.name:<6} {'ok' if c.ok else 'FAIL'}  {c.detail}")
+    return EXIT_OK if all(c.ok for c in results) else EXIT_FAILURE
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from . import statsview
+
+    if args.interval <= 0:
+        raise BadInput("--interval: must be greater than zero")
+    if args.json:
+        while True:
+            print(json.dumps(statsview.snapshot()), flush=True)
+            if args.once:
+                return EXIT_OK
+            import time
+
+            time.sleep(args.interval)
+    if args.once:
+        from rich.console import Console
+
+        Console(width=None if sys.stdout.isatty() else 132).print(statsview.table(statsview.snapshot()))
+        return EXIT_OK
+    try:
+        statsview.live(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C is how a live view ends
+        pass
     return EXIT_OK
 
 
@@ -331,7 +391,41 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _worker_options(rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split `dispatcher worker`'s own options from those passed on to celery worker."""
+    p = _Parser(prog="dispatcher worker", add_help=False, allow_abbrev=False)
+    p.add_argument("--processes", type=int, default=_env_int("DISPATCHER_PROCESSES"))
+    p.add_argument("--metrics-port", type=int, default=_env_int("DISPATCHER_METRICS_PORT"))
+    p.add_argument("--metrics-host", default=os.environ.get("DISPATCHER_METRICS_HOST", "127.0.0.1"))
+    opts, celery_args = p.parse_known_args(rest)
+    if opts.processes is not None and opts.processes < 1:
+        raise BadInput("dispatcher worker: --processes must be at least 1")
+    return opts, celery_args
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput(f"{name}: must be a whole number, got {value!r}") from None
+
+
 def _run_celery(which: str, rest: list[str]) -> int:
+    from .logs import configure, json_wanted
+
+    if json_wanted():  # before Celery starts: its warnings and early records come out as JSON too
+        configure(logging.WARNING)
+        logging.captureWarnings(True)
+    opts = None
+    if which == "worker":
+        try:
+            opts, rest = _worker_options(rest)
+        except BadInput as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         from .services import require_redis
         from . import runtime
@@ -341,12 +435,24 @@ def _run_celery(which: str, rest: list[str]) -> int:
     except (ConfigError, DispatcherError) as exc:
         _say_error(exc)
         return EXIT_BAD_INPUT if isinstance(exc, ConfigError) else EXIT_FAILURE
+    if opts is not None:
+        from .supervisor import default_processes, run_workers
+
+        processes = opts.processes or default_processes()
+        if processes > 1:  # N single-process workers under one supervisor (supervisor.py)
+            configure(logging.INFO)
+            return run_workers(processes, rest, opts.metrics_port, opts.metrics_host)
     if which == "worker" and "MALLOC_ARENA_MAX" not in os.environ:
         # glibc gives each thread its own malloc arena; with a threads pool and an event loop the
         # arenas fragment and RSS creeps up with every message sent (bench/throughput.py: +33 MB
         # over 30,000 messages). Two arenas keep it flat. It must be set before the process starts.
-        os.execve(sys.executable, [sys.executable, "-m", "dispatcher.cli", which, *rest],
+        os.execve(sys.executable, [sys.executable, "-m", "dispatcher.cli", which, "--processes", "1",
+                                   *_metrics_args(opts), *rest],
                   dict(os.environ, MALLOC_ARENA_MAX="2"))
+    if opts is not None and opts.metrics_port is not None:  # one process: it serves its own counters
+        from . import metrics
+
+        metrics.serve(opts.metrics_port, opts.metrics_host)
     argv = [which, *rest]
     if which == "worker" and not any(a.startswith(("-Q", "--queues")) for a in rest):
         from . import keys
@@ -354,6 +460,12 @@ def _run_celery(which: str, rest: list[str]) -> int:
         argv += ["-Q", f"{keys.QUEUE_SEND},{keys.QUEUE_BEAT}"]
     app.start(argv=argv)
     return EXIT_OK
+
+
+def _metrics_args(opts: argparse.Namespace | None) -> list[str]:
+    if opts is None or opts.metrics_port is None:
+        return []
+    return ["--metrics-port", str(opts.metrics_port), "--metrics-host", opts.metrics_host]
 
 
 # --------------------------------------------------------------------------- parsing helpers

@@ -83,6 +83,7 @@ class ProviderAccount:
 class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str = ""  # the Celery broker; empty = the Redis at redis_url (amqp://... for RabbitMQ)
     providers: dict[str, ProviderAccount] = field(default_factory=dict)
     max_attempts: int = 6  # sends per message, transient failures included
     retry_base: float = 1.0  # seconds; backoff = base * 2**n with full jitter
@@ -156,6 +157,8 @@ def _build(data: dict[str, Any], text: str, env: dict[str, str], source: str | N
         kwargs["database_url"] = env["DISPATCHER_DATABASE_URL"]
     if env.get("DISPATCHER_REDIS_URL"):
         kwargs["redis_url"] = env["DISPATCHER_REDIS_URL"]
+    if env.get("DISPATCHER_BROKER_URL"):
+        kwargs["broker_url"] = env["DISPATCHER_BROKER_URL"]
     providers_raw = data.get("providers", {})
     if not isinstance(providers_raw, dict):
         raise ConfigError(where.say("providers", None, "must be a table of [providers.NAME] accounts"))

@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, Sequence
 
-from . import liveness, runtime, transport
+from . import liveness, metrics, runtime, transport
 from .config import Settings
 from .errors import BrokerUnavailable
+from .logs import about
 from .ratelimit import RateLimiterUnavailable
 from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
 from .redact import mask
@@ -406,6 +407,7 @@ def admit(
         reserved_at = time.monotonic()
         slack = None if rate is None else r.slack
         admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
+        metrics.limiter_waits(account, r.delays, len(mids) - r.granted)
         if r.granted < len(mids):
             wait = r.retry_after if r.retry_after is not None else s.throttle_wait
             if r.paused_until is not None:
@@ -643,11 +645,12 @@ def _attempt(m: Message, claim: Claim, http_status: int | None, outcome: str, co
 
 
 def _log_outcomes(claimed: Sequence[Message], settlements: Sequence[queries.Settlement]) -> None:
+    metrics.sends_settled(claimed, settlements)
     for m, st in zip(claimed, settlements):
         status = st.values["status"]
         level = logging.INFO if status in (ACCEPTED, QUEUED, SCHEDULED) else logging.WARNING
         log.log(level, "message %s to %s via %s attempt %d -> %s %s", m.id, mask(m.to), m.provider,
-                m.attempts, status, st.values.get("error_code") or "")
+                m.attempts, status, st.values.get("error_code") or "", extra=about(m.id, m.provider, m.attempts))
 
 
 def _requeue(retry_in: dict[str, float], enqueue: Callable[[list[str], float], None] | None) -> None:

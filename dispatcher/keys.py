@@ -35,6 +35,21 @@ def rate_pause(account: str) -> str:
     return f"{prefix()}:rl:{{{account}}}:pause"
 
 
+def beat_tick() -> str:
+    """When the beat's tick last ran (seconds since epoch, a string); `dispatcher health` reads it."""
+    return f"{prefix()}:beat:last_tick"
+
+
+def beat_lock() -> str:
+    """Held (SET NX PX, renewed) by the one beat process allowed to publish ticks."""
+    return f"{prefix()}:beat:lock"
+
+
+def activity(bucket: int) -> str:
+    """Hash of "account|what" -> count for one 10-second bucket of sends (`dispatcher stats`)."""
+    return f"{prefix()}:activity:{bucket}"
+
+
 def broker_epoch() -> str:
     """A marker the beat sets once; if it is gone, Redis lost its data and every queued task with it."""
     return f"{prefix()}:broker:epoch"

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Callable
 
-from . import recovery, runtime
+from . import health, recovery, runtime
 from .config import Settings
 from .feeder import feed_campaigns
 from .recurring import fire_due
@@ -60,6 +60,7 @@ def tick(
 
         enqueue = enqueue_ids
     now = clock()
+    health.record_tick(s.redis_url)  # `dispatcher health`: the beat is alive while this is fresh
     report = TickReport()
     steps: list[tuple[str, Callable[[], None]]] = [
         ("recurring", lambda: setattr(report, "recurring", fire_due(now))),

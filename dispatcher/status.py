@@ -31,7 +31,7 @@ from typing import Callable, TypeVar
 import httpx
 from sqlalchemy import select
 
-from . import runtime, transport
+from . import metrics, runtime, transport
 from .config import Settings
 from .dispatch import outbound
 from .intake import apply_events
@@ -92,6 +92,7 @@ def poll(*, settings: Settings | None = None, clock: Callable[[], datetime] = ut
     with session_scope(s.database_url) as db:
         for m, events in zip(due, fetched):
             report.requests += 1
+            metrics.status_polled(m.provider, events)
             if isinstance(events, BaseException):
                 log.info("status poll of %s failed: %s", m.id, type(events).__name__)
                 events = []

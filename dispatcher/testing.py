@@ -45,7 +45,8 @@ class WorkerProcesses:
         i = len(self.procs)
         log = open(os.path.join(self.logdir, f"worker{i}.log"), "w")
         self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "dispatcher.cli", "worker", "--loglevel", self.loglevel, "-c", str(self.concurrency),
+            [sys.executable, "-m", "dispatcher.cli", "worker", "--processes", "1", "--loglevel", self.loglevel,
+             "-c", str(self.concurrency),
              "-n", f"w{i}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT))
         return i

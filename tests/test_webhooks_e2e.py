@@ -44,6 +44,13 @@ from = "ACME"
 webhook_secret = "{em_secret}"
 callback_url = "{receiver}/webhooks/hooks?token={em_secret}"
 
+[providers.hooks_wrong]  # the same account's reports, sent with a token the receiver does not know
+kind = "emsgnow"
+base_url = "{emsgnow}"
+api_key = "{em_key}"
+from = "ACME"
+callback_url = "{receiver}/webhooks/hooks?token={wrong_secret}"
+
 [providers.africa]
 kind = "esms_africa"
 base_url = "{esms_africa}"
@@ -68,7 +75,7 @@ def e2e(dispatcher_env, sandbox, broker_down, monkeypatch, receiver):
     c = sandbox.credentials
     extra = ACCOUNTS.format(
         receiver=receiver.url, emsgnow=sandbox.base_url("emsgnow"), em_key=c("emsgnow")["api_key"],
-        em_secret=EMSGNOW_SECRET, esms_africa=sandbox.base_url("esms_africa"), esms_key=c("esms_africa")["api_key"],
+        em_secret=EMSGNOW_SECRET, wrong_secret=WRONG_SECRET, esms_africa=sandbox.base_url("esms_africa"), esms_key=c("esms_africa")["api_key"],
         esms_secret=ESMS_SECRET, emnify=sandbox.base_url("emnify"),
         emnify_token=c("emnify")["application_token"], emnify_secret=EMNIFY_SECRET)
     monkeypatch.setenv("DISPATCHER_CONFIG", write_config(dispatcher_env / "e2e.toml", sandbox, extra=extra))
@@ -91,10 +98,11 @@ class Emsgnow:
         self.sandbox, self.receiver = sandbox, receiver
 
     def subscribe(self, secret: str) -> dict:
-        """The twin needs no setting; a wrong secret is a callback URL with the wrong token."""
-        if secret == EMSGNOW_SECRET:
-            return {}
-        return {"callback_url": f"{self.receiver.url}/webhooks/{self.account}?token={secret}"}
+        """The twin needs no setting; a wrong secret is an account whose callback URL has the wrong
+        token (a message's own callback_url may not carry one: it would be stored)."""
+        assert secret in (EMSGNOW_SECRET, WRONG_SECRET)
+        self.account = "hooks" if secret == EMSGNOW_SECRET else "hooks_wrong"
+        return {}
 
     def is_about(self, body: dict, msg) -> bool:
         return body.get("messageId") == msg.provider_ref
