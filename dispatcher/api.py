@@ -241,20 +241,9 @@ def _recall(row: Row) -> bool:
 
 
 # --------------------------------------------------------------------------- building rows
-def build_row(
-    provider: str,
-    to: str,
-    text: str | None,
-    *,
-    not_before: datetime | None = None,
-    not_after: datetime | None = None,
-    idempotency_key: str | None = None,
-    scheduled_at: datetime | None = None,
-    options: Mapping[str, Any] | None = None,
-) -> Row:
-    """Validate one send and build its row (not yet stored)."""
-    return Row(**row_values(provider, to, text, not_before=not_before, not_after=not_after,
-                            idempotency_key=idempotency_key, scheduled_at=scheduled_at, options=options))
+def build_row(provider: str, to: str, text: str | None, **kwargs: Any) -> Row:
+    """Validate one send and build its row (not yet stored); the arguments are row_values'."""
+    return Row(**row_values(provider, to, text, **kwargs))
 
 
 def row_values(

@@ -242,7 +242,7 @@ class Starts:
 
     def _unmark(self, ids: list[str]) -> set[str]:
         with session_scope(self.url) as db:
-            return queries.unmark_started(db, ids, self.token)
+            return queries.mark_started(db, ids, self.token, None)
 
 
 class _Coalesced:

@@ -125,8 +125,9 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
     return list(session.execute(stmt))
 
 
-def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime) -> set[str]:
-    """Record, just before their requests are written, that these claims may reach the provider.
+def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime | None) -> set[str]:
+    """Record, just before their requests are written, that these claims may reach the provider
+    (`now` None takes a recorded start back: its request was not written after all).
 
     Compare-and-set on the claim: only the ids returned are still this claim's and may be sent.
     A claim moved meanwhile (the reaper took its worker for dead) is not sent by this worker.
@@ -137,19 +138,6 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
         update(M)
         .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
         .values(started_at=now)
-        .returning(M.c.id)
-    )
-    return {row[0] for row in session.execute(stmt)}
-
-
-def unmark_started(session: Session, ids: Sequence[str], token: str) -> set[str]:
-    """Take back a recorded start whose request was not written after all (compare-and-set)."""
-    if not ids:
-        return set()
-    stmt = (
-        update(M)
-        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
-        .values(started_at=None)
         .returning(M.c.id)
     )
     return {row[0] for row in session.execute(stmt)}
