@@ -51,7 +51,7 @@ from .redact import mask
 from .retry import backoff
 from .store import queries
 from .store.db import ensure_schema, session_scope
-from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, UNKNOWN, Message, utcnow
+from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, SENDING, UNKNOWN, Message, utcnow
 
 log = logging.getLogger("dispatcher.dispatch")
 REDIS_DOWN_WAIT = 2.0  # seconds before a batch retries when the limiter's Redis is unreachable
@@ -582,7 +582,14 @@ def settle(m: Message, result: SendResult | BaseException, claim: Claim, now: da
         due = now + timedelta(seconds=delay)
         if outcome.ambiguous:
             v["key_exposed"] = True  # the provider may hold this key: every later attempt reuses it
-        if outcome.ambiguous and _unsafe_to_resend(m.provider, s):
+        if outcome.ambiguous and _can_ask(m.provider):
+            # The provider can say whether it has it (emnify's SMS list): the claim stays open for
+            # the reaper, which asks once the request can no longer be in flight, and sends again
+            # only if the message is provably absent (recovery.py).
+            v.update(status=SENDING, claimed_by=liveness.ASK_PROVIDER, claimed_at=m.claimed_at,
+                     error_code=outcome.code, error=f"answer lost ({outcome.message}); asking the provider"[:500])
+            kind = "ambiguous"
+        elif outcome.ambiguous and _unsafe_to_resend(m.provider, s):
             v.update(status=UNKNOWN, finished_at=now, error=(
                 f"the request may have reached the provider ({outcome.code}: {outcome.message}); "
                 "not resent, as the account's on_timeout says")[:500])
@@ -614,6 +621,15 @@ def _unsafe_to_resend(account: str, s: Settings) -> bool:
     if acct is None or acct.on_timeout != "unknown":
         return False
     return not runtime.adapter_for(account).idempotent_retry
+
+
+def _can_ask(account: str) -> bool:
+    """The kind can look a message up, and a resend under the same key would not do instead."""
+    try:
+        adapter = runtime.adapter_for(account)
+    except Exception:  # noqa: BLE001 - an account removed from the config
+        return False
+    return adapter.has_lookup and not adapter.idempotent_retry
 
 
 def _has_status(account: str) -> bool:

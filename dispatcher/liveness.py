@@ -26,6 +26,9 @@ from .store.db import session_scope
 from .store.models import SENDING, Message, Worker, utcnow
 
 log = logging.getLogger("dispatcher.liveness")
+# Not a worker: the holder of a claim left `sending` after an ambiguous answer, for the reaper to
+# settle by asking the provider (recovery.py). It never beats, so it is always "dead".
+ASK_PROVIDER = "(ask the provider)"
 _ids: dict[int, str] = {}
 _lock = threading.Lock()
 _beats: dict[int, "Heartbeat"] = {}

@@ -18,6 +18,9 @@ The beat tick (schedule.py) runs these; each is safe to run from several beats a
       never re-sent automatically.
   Every queued message last published before the worker died is then published again: its
   task may have been among the dead worker's prefetched or countdown tasks.
+* A claim left `sending` after an ambiguous answer on a kind that can look it up (held by
+  liveness.ASK_PROVIDER, which never beats) is settled the same way: asked, then sent again
+  only if provably absent.
 * The lease (`lease_seconds`) is a backstop for claims whose worker still beats but whose
   record never came (the store refused it for minutes): settled the same way.
 * `requeue_lost`: queued messages due and unpublished for `lost_after` are published again,
@@ -75,12 +78,15 @@ def recover_dead_workers(s: Settings, now: datetime, enqueue: Enqueue) -> Recove
             if not claims:  # all settled (or left for a later tick: a lookup that cannot tell yet)
                 break
             seen.update(m.id for m in claims)
+            if worker == liveness.ASK_PROVIDER:
+                _settle_claims(claims, s, now, enqueue, done, reason="its answer was lost")
+                continue
             log.warning("worker %s stopped beating with %d claim(s); settling them", worker, len(claims))
             _settle_claims(claims, s, now, enqueue, done, reason="its worker stopped")
         with session_scope(s.database_url) as db:
             if not queries.claims_of(db, worker, 1):
                 liveness.forget(db, worker)
-    if dead:
+    if [w for w in dead if w != liveness.ASK_PROVIDER]:
         # The dead worker may have held tasks it had not run yet (prefetched, or counting down):
         # publish again every queued message last published before it was declared dead.
         _publish_again(s, now, now, None, enqueue)
@@ -137,13 +143,15 @@ def _move(db, m: Message, now: datetime, how: str, values: dict, into: list[str]
     """Settle one started claim of a dead worker and log the lost attempt against it."""
     values = dict(values, claimed_at=None, claimed_by=None, key_exposed=True, updated_at=now, started_at=None)
     if queries.set_claim(db, m.id, m.claim_token, values):
+        into.append(m.id)
+        if m.claimed_by == liveness.ASK_PROVIDER:
+            return  # its attempt is logged already, with the answer that was lost
         queries.add_attempt(db, {
             "message_id": m.id, "number": m.attempts, "started_at": m.claimed_at or now, "http_status": None,
             "outcome": "worker_lost", "provider_code": None, "latency_ms": 0.0, "claim_token": m.claim_token,
             "worker": m.claimed_by, "attempt_key": m.attempt_key, "request_started": True,
             "detail": f"its worker died after the request may have started; {how}",
         })
-        into.append(m.id)
 
 
 def _adapter(m: Message):  # type: ignore[no-untyped-def]

@@ -125,6 +125,33 @@ def test_a_started_emnify_claim_is_settled_by_the_endpoints_sms_list(dispatcher_
         assert len([r for r in sandbox.requests("emnify") if r.method == "POST" and r.path.endswith("/sms")]) == 1
 
 
+@pytest.mark.parametrize("fault, arrived", [("reset_processed_next", True), ("reset_next", False)],
+                         ids=["provider-took-it", "provider-never-saw-it"])
+def test_a_lost_emnify_answer_is_settled_by_asking_the_provider_not_by_a_blind_resend(
+        dispatcher_env, sandbox, broker_down, tmp_path, monkeypatch, fault, arrived):
+    _add_account(tmp_path, monkeypatch, sandbox, "emnify", source_address="12345")
+    warm = dispatcher.send("iot", "4712", "warm-up: the token exchange is done before the fault")
+    assert dispatch_batch([warm.id]).statuses == {warm.id: "accepted"}
+    msg = dispatcher.send("iot", "4711", "answer lost on the way back")
+    sandbox.set_faults("emnify", **{fault: 1})
+    report = dispatch_batch([msg.id], enqueue=Enqueued())
+    assert report.statuses == {msg.id: "sending"}  # not resent, not written off: the provider is asked
+    assert dispatcher.get(msg.id).attempt_log[-1].outcome == "ambiguous"
+    sent = Enqueued()
+    after_timeout = utcnow() + timedelta(seconds=runtime.settings().providers["iot"].timeout + 2)
+    tick(clock=lambda: after_timeout, enqueue=sent)
+    after = dispatcher.get(msg.id)
+    if arrived:
+        assert after.status == "accepted" and after.provider_ref and sent == []
+    else:
+        assert after.status == "queued" and sent == [msg.id]  # provably absent: sent again
+        _due_now(msg.id)
+        assert dispatch_batch([msg.id]).statuses == {msg.id: "accepted"}
+    created = [r for r in sandbox.requests("emnify") if r.method == "POST" and r.path.endswith("/4711/sms")
+               and (r.status == 201 or r.fault == "reset_processed")]
+    assert len(created) == 1  # one SMS at the provider either way
+
+
 def test_a_late_result_never_lands_on_a_later_claim(dispatcher_env, broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "reaped, then claimed again")
     now = utcnow()
