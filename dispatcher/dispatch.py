@@ -110,6 +110,11 @@ def dispatch_batch(
     loop = transport.process_loop(s.in_flight)
     with session_scope(s.database_url) as db:
         waiting = queries.waiting(db, ids)
+    orphans = [row.id for row in waiting if row.provider not in s.providers]
+    if orphans:  # never claimed: they wait, queued, for their account to be configured again
+        log.error("%d message(s) of accounts no longer configured are left queued: %s", len(orphans),
+                  ",".join(orphans[:50]))
+        waiting = [row for row in waiting if row.provider in s.providers]
     want: Counter[str] = Counter(row.provider for row in waiting if row.status == QUEUED)
     with loop.room(want, BUSY_WAIT_MAX) as room:
         claim = _claim_what_fits(waiting, room, s, clock, report, enqueue)
@@ -334,7 +339,7 @@ def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Set
 def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[no-untyped-def]
     """Record a batch; if one row cannot be stored as it is, store the others and that one
     reduced to its status, so that one bad value never drops the outcomes of the rest."""
-    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import OperationalError
 
     try:
         with db.begin_nested():
@@ -342,7 +347,7 @@ def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[n
         return
     except OperationalError:
         raise  # the store is away or locked: record_durably tries the whole batch again
-    except DBAPIError as exc:
+    except Exception as exc:  # noqa: BLE001 - one row the store cannot take as it is
         log.warning("a batch of %d outcome(s) could not be stored as one (%s); storing them one by one",
                     len(settlements), type(exc).__name__)
     for st in settlements:
@@ -351,7 +356,7 @@ def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[n
                 queries.record(db, [st])
         except OperationalError:
             raise
-        except DBAPIError as exc:
+        except Exception as exc:  # noqa: BLE001 - DataError, or a driver's own (UnicodeEncodeError, OverflowError)
             log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
                       st.values["status"], type(exc).__name__)
             with db.begin_nested():
@@ -368,13 +373,18 @@ _LIMITS = {"provider_ref": 200, "provider_status": 64, "error_code": 100, "cost_
 
 
 def _fit(v: dict) -> dict:
-    """Provider words cut to their columns; a cost that is not a finite number dropped."""
+    """Provider words made storable (no NUL, no lone surrogate) and cut to their columns; a cost
+    that is not a finite number dropped; a segment count kept within reason."""
     for column, limit in _LIMITS.items():
         if v.get(column) is not None:
-            v[column] = str(v[column])[:limit]
+            text = str(v[column]).replace("\x00", "")
+            v[column] = text.encode("utf-8", "replace").decode("utf-8")[:limit]
     cost = v.get("cost")
     if cost is not None and not (isinstance(cost, (int, float)) and math.isfinite(cost)):
         v["cost"] = None
+    segments = v.get("segments")
+    if not isinstance(segments, int) or not 0 <= segments <= 10_000:
+        v["segments"] = 0
     return v
 
 

@@ -50,6 +50,7 @@ class Heartbeat:
         self.every, self.clock = every, clock
         self.urls: set[str] = set()
         self.last_ok: dict[str, float] = {}  # url -> time.monotonic() of the last heartbeat written
+        self.last_failed: dict[str, float] = {}  # url -> time.monotonic() of the last heartbeat that failed
         self._stop = threading.Event()
         self._adding = threading.Lock()  # a process's first tasks arrive at once, each on its own thread
         self._thread = threading.Thread(target=self._run, name="dispatcher-heartbeat", daemon=True)
@@ -73,6 +74,7 @@ class Heartbeat:
                     beat(url, self.clock())
                     self.last_ok[url] = time.monotonic()
                 except Exception as exc:  # noqa: BLE001 - the store may be away; beat again next time
+                    self.last_failed[url] = time.monotonic()
                     log.warning("heartbeat of %s not written (%s: %s)", worker_id(), type(exc).__name__, exc)
 
     def stop(self) -> None:
@@ -104,14 +106,16 @@ def ensure_alive(url: str, every: float) -> None:
     hb.add(url)
 
 
-def own_heartbeat_stale(url: str, max_age: float) -> bool:
-    """True when this process beats into `url` but has not managed to for `max_age` seconds:
-    the store was away from it too, so other workers' silence proves nothing yet."""
+def own_heartbeat_stale(url: str, max_age: float, settle: float) -> bool:
+    """True when this process beats into `url` but has not managed to for `max_age` seconds, or
+    failed to within the last `settle` seconds: the store was away from it too, so other
+    workers' silence proves nothing until their heartbeats have had time to resume."""
     with _lock:
         hb = _beats.get(os.getpid())
     if hb is None or url not in hb.urls:
         return False
-    return time.monotonic() - hb.last_ok.get(url, 0.0) > max_age
+    now = time.monotonic()
+    return now - hb.last_ok.get(url, 0.0) > max_age or now - hb.last_failed.get(url, -1e9) < settle
 
 
 def retire() -> None:
@@ -134,6 +138,6 @@ def dead_workers(db, now: datetime, timeout: float) -> list[str]:  # type: ignor
     return [w for w in holders if w not in alive]
 
 
-def forget(db, worker: str) -> None:  # type: ignore[no-untyped-def]
-    """Remove a dead worker's row once none of its claims is left."""
-    db.execute(delete(Worker).where(Worker.id == worker))
+def forget(db, worker: str, now: datetime, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Remove a dead worker's row once none of its claims is left (not if it beat meanwhile)."""
+    db.execute(delete(Worker).where(Worker.id == worker, Worker.last_seen < now - timedelta(seconds=timeout)))

@@ -42,7 +42,7 @@ from .config import Settings
 from .providers.base import ABSENT, FOUND, LookupResult
 from .store import queries
 from .store.db import session_scope
-from .store.models import ACCEPTED, QUEUED, UNKNOWN, Message
+from .store.models import ACCEPTED, FAILED, QUEUED, UNKNOWN, Message
 
 log = logging.getLogger("dispatcher.recovery")
 BATCH = 1000
@@ -64,7 +64,9 @@ class Recovered:
 def recover_dead_workers(s: Settings, now: datetime, enqueue: Enqueue) -> Recovered:
     """Settle every claim of every dead worker, then publish again what it may have held."""
     done = Recovered()
-    if liveness.own_heartbeat_stale(s.database_url, 2 * s.heartbeat_seconds + 1.0):
+    liveness.ensure_alive(s.database_url, s.heartbeat_seconds)  # the guard below needs this process's own
+    if liveness.own_heartbeat_stale(s.database_url, 2 * s.heartbeat_seconds + 1.0,
+                                    s.worker_timeout + s.heartbeat_seconds):
         log.warning("this process could not write its own heartbeat lately (the store was away?): no worker is "
                     "taken for dead until heartbeats have had time to resume")
         return done
@@ -85,7 +87,7 @@ def recover_dead_workers(s: Settings, now: datetime, enqueue: Enqueue) -> Recove
             _settle_claims(claims, s, now, enqueue, done, reason="its worker stopped")
         with session_scope(s.database_url) as db:
             if not queries.claims_of(db, worker, 1):
-                liveness.forget(db, worker)
+                liveness.forget(db, worker, now, s.worker_timeout)
     if [w for w in dead if w != liveness.ASK_PROVIDER]:
         # The dead worker may have held tasks it had not run yet (prefetched, or counting down):
         # publish again every queued message last published before it was declared dead.
@@ -109,8 +111,8 @@ def _settle_claims(claims: list[Message], s: Settings, now: datetime, enqueue: E
     started = [m for m in claims if m.started_at is not None]
     lookups = {m.id: _look_up(m, s, now) for m in started if _can_look_up(m)}
     with session_scope(s.database_url) as db:
-        for m in unstarted:
-            if queries.hand_back(db, [m.id], m.claim_token, now, now):
+        for m in unstarted:  # unless its (live after all) worker records a start meanwhile
+            if queries.hand_back(db, [m.id], m.claim_token, now, now, unstarted_only=True):
                 done.resent.append(m.id)
         for m in started:
             verdict = lookups.get(m.id)
@@ -119,6 +121,10 @@ def _settle_claims(claims: list[Message], s: Settings, now: datetime, enqueue: E
                     "status": ACCEPTED, "provider_ref": verdict.accepted.provider_ref,
                     "provider_status": verdict.accepted.provider_status, "accepted_at": now,
                     "due_at": now if _has_status(m) else None, "error_code": None, "error": None}, done.found)
+            elif verdict is not None and verdict.state == ABSENT and m.attempts >= s.max_attempts:
+                _move(db, m, now, "not at the provider; attempts used up", {
+                    "status": FAILED, "finished_at": now, "error_code": m.error_code or "worker_lost",
+                    "error": f"gave up after {m.attempts} attempts; the provider never got it"}, done.unknown)
             elif (verdict is not None and verdict.state == ABSENT) or _resend_is_harmless(m):
                 how = "not at the provider: sent again" if verdict is not None else "resent with the same attempt key"
                 _move(db, m, now, how, {"status": QUEUED, "due_at": now, "enqueued_at": now,

@@ -236,12 +236,41 @@ def test_one_unstorable_outcome_does_not_drop_the_others(dispatcher_env, sandbox
 
     def odd(self, response, msg):
         outcome = real(self, response, msg)
-        return Accepted(provider_ref="x" * 5000, cost=float("nan")) if msg.text == "odd ref 1" else outcome
+        if msg.text == "odd ref 1":
+            return Accepted(provider_ref="x" * 5000, cost=float("nan"))
+        if msg.text == "odd ref 2":  # what no driver stores as it is: a lone surrogate, a NUL, a huge count
+            return Accepted(provider_ref="ref-\ud800-\x00", provider_status="\udfff", segments=10**20)
+        return outcome
 
     monkeypatch.setattr(emsgnow.EmsgnowAdapter, "parse_response", odd)
     report = dispatch_batch(ids)
     assert set(report.statuses.values()) == {"accepted"}
     assert {dispatcher.get(i).status for i in ids} == {"accepted"}
+
+
+def test_the_reaper_never_hands_back_a_claim_whose_start_was_recorded_meanwhile(dispatcher_env, broker_down):
+    """The reaper reads a claim as unstarted; its worker (alive after all) then records the start
+    and writes the request: the hand-back must not match, or a second worker sends it again."""
+    msg = dispatcher.send("alerts", "+14155550123", "started while the reaper looked away")
+    _claim_as("slow-beater", [msg.id], started=False)
+    with session_scope(runtime.settings().database_url) as db:  # the worker records its start now
+        assert queries.mark_started(db, [msg.id], "claim-of-the-dead", utcnow()) == {msg.id}
+    with session_scope(runtime.settings().database_url) as db:  # the reaper's hand-back, a moment late
+        assert queries.hand_back(db, [msg.id], "claim-of-the-dead", utcnow(), utcnow(), unstarted_only=True) == []
+    assert dispatcher.get(msg.id).status == "sending"
+
+
+def test_a_message_of_an_account_removed_from_the_config_never_holds_up_its_batch(dispatcher_env, sandbox,
+                                                                                 broker_down, tmp_path, monkeypatch):
+    _add_account(tmp_path, monkeypatch, sandbox, "esimfly")
+    gone = dispatcher.send("fly", "8901234567890123456", "its account will be removed")
+    kept = dispatcher.send("alerts", "+14155550123", "its account stays")
+    from tests.conftest import write_config
+
+    monkeypatch.setenv("DISPATCHER_CONFIG", write_config(tmp_path / "without-fly.toml", sandbox))
+    runtime.configure(None)
+    assert dispatch_batch([gone.id, kept.id]).statuses == {kept.id: "accepted"}
+    assert dispatcher.get(gone.id).status == "queued"  # left waiting for its account, never claimed
 
 
 def test_a_lost_backlog_is_published_again_once_per_interval_not_every_tick(dispatcher_env, broker_down):

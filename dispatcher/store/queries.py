@@ -144,15 +144,18 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
 
 
 def hand_back(session: Session, ids: Sequence[str], token: str | None, now: datetime,
-              due_at: datetime | None, status: str = QUEUED) -> list[str]:
+              due_at: datetime | None, status: str = QUEUED, unstarted_only: bool = False) -> list[str]:
     """Give back claims whose request never started (`sending -> queued`, or `scheduled` for a
     long wait), without counting an attempt. `token` None matches any claim (the reaper's
-    lease backstop). Returns the ids moved."""
+    lease backstop); `unstarted_only` (the reaper, which does not hold the claim) moves only a
+    claim whose start is still not recorded. Returns the ids moved."""
     if not ids:
         return []
     cond = and_(M.c.id.in_(list(ids)), M.c.status == SENDING)
     if token is not None:
         cond = and_(cond, M.c.claim_token == token)
+    if unstarted_only:
+        cond = and_(cond, M.c.started_at.is_(None))
     stmt = (
         update(M).where(cond)
         .values(status=status, attempts=M.c.attempts - 1, claimed_at=None, claim_token=None, claimed_by=None,
