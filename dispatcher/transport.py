@@ -54,6 +54,13 @@ def make_client(in_flight: int = 256, timeout: float = 60.0) -> httpx.AsyncClien
     )
 
 
+def _total(timeout: dict) -> float | None:
+    """A bound on the whole request: a provider dripping its answer a byte at a time never
+    trips the per-read timeout, and would hold its batch's record for as long as it likes."""
+    connect, read = timeout.get("connect"), timeout.get("read")
+    return None if read is None else (connect or 0.0) + read
+
+
 class Wire:
     """Sends an `httpx.Request` as it is (the exact bytes its Auth signed) over one aiohttp session.
 
@@ -106,7 +113,7 @@ class Wire:
                 request.method, str(request.url), headers=request.headers.multi_items(), data=body,
                 allow_redirects=False, auto_decompress=False, compress=False,
                 timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
-                                              connect=timeout.get("pool")),
+                                              connect=timeout.get("pool"), total=_total(timeout)),
             ) as answer:
                 content = await answer.read()
                 status, headers, reason = answer.status, answer.raw_headers, answer.reason

@@ -273,6 +273,21 @@ def test_a_message_of_an_account_removed_from_the_config_never_holds_up_its_batc
     assert dispatcher.get(gone.id).status == "queued"  # left waiting for its account, never claimed
 
 
+def test_a_provider_dripping_its_answer_is_cut_off_at_the_timeout_not_waited_for(dispatcher_env, sandbox,
+                                                                                   broker_down):
+    """Each byte within the per-read timeout, the whole far beyond it: the send ends at the
+    account's timeout (ambiguous), so one slow answer never holds its batch's record for minutes."""
+    import time
+
+    ids = dispatcher.send_many([{"provider": "alerts", "to": "+14155550123", "text": f"drip {i}"} for i in range(3)])
+    _with_timeout(0.6)
+    sandbox.set_faults("emsgnow", drip_next=1, drip_ms=400)
+    started = time.monotonic()
+    report = dispatch_batch(ids, enqueue=Enqueued())
+    assert time.monotonic() - started < 10
+    assert sorted(report.statuses.values()) == ["accepted", "accepted", "queued"]  # the dripped one: retried
+
+
 def test_a_lost_backlog_is_published_again_once_per_interval_not_every_tick(dispatcher_env, broker_down):
     import redis
 
