@@ -12,8 +12,9 @@ from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import delete, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from .queries import insert_once
 
 from .models import (
     PENDING,
@@ -35,20 +36,7 @@ UNSETTLED_STATUSES = (PENDING, SCHEDULED, QUEUED, SENDING)  # not yet handed ove
 # --------------------------------------------------------------------------- the campaign row
 def add_campaign(session: Session, campaign: Campaign) -> tuple[Campaign, bool]:
     """Insert a campaign; with an idempotency key already used, return (the first one, False)."""
-    if campaign.idempotency_key:
-        existing = find_by_idempotency_key(session, campaign.idempotency_key)
-        if existing is not None:
-            return existing, False
-    try:
-        with session.begin_nested():
-            session.add(campaign)
-            session.flush()
-    except IntegrityError:
-        existing = find_by_idempotency_key(session, campaign.idempotency_key or "")
-        if existing is None:
-            raise
-        return existing, False
-    return campaign, True
+    return insert_once(session, campaign, lambda key: find_by_idempotency_key(session, key))
 
 
 def find_by_idempotency_key(session: Session, key: str) -> Campaign | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -29,20 +29,26 @@ M = Message.__table__  # type: ignore[attr-defined]
 
 def add_message(session: Session, message: Message) -> Message:
     """Insert one message; with an idempotency key already used, return the first one instead."""
-    if message.idempotency_key:
-        existing = find_by_idempotency_key(session, message.idempotency_key)
+    return insert_once(session, message, lambda key: find_by_idempotency_key(session, key))[0]
+
+
+def insert_once(session: Session, row: Any, find: Callable[[str], Any]) -> tuple[Any, bool]:
+    """Insert a row with an `idempotency_key`; when the key is taken (before, or by a producer
+    racing this one), return (the row holding it, False) instead. (row, True) when inserted."""
+    if row.idempotency_key:
+        existing = find(row.idempotency_key)
         if existing is not None:
-            return existing
+            return existing, False
     try:
         with session.begin_nested():
-            session.add(message)
+            session.add(row)
             session.flush()
     except IntegrityError:
-        existing = find_by_idempotency_key(session, message.idempotency_key or "")
+        existing = find(row.idempotency_key or "")
         if existing is None:
             raise
-        return existing
-    return message
+        return existing, False
+    return row, True
 
 
 def add_messages(session: Session, rows: list[dict[str, Any]]) -> None:
