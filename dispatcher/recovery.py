@@ -58,6 +58,7 @@ class Recovered:
     same_key: list[str] = field(default_factory=list)  # may have started, resend is harmless: queued with its key
     found: list[str] = field(default_factory=list)  # the provider has it: accepted
     unknown: list[str] = field(default_factory=list)  # nobody can tell: unknown
+    failed: list[str] = field(default_factory=list)  # provably never arrived, attempts used up: failed
     waiting: list[str] = field(default_factory=list)  # lookup could not tell yet: asked again next tick
 
 
@@ -124,7 +125,7 @@ def _settle_claims(claims: list[Message], s: Settings, now: datetime, enqueue: E
             elif verdict is not None and verdict.state == ABSENT and m.attempts >= s.max_attempts:
                 _move(db, m, now, "not at the provider; attempts used up", {
                     "status": FAILED, "finished_at": now, "error_code": m.error_code or "worker_lost",
-                    "error": f"gave up after {m.attempts} attempts; the provider never got it"}, done.unknown)
+                    "error": f"gave up after {m.attempts} attempts; the provider never got it"}, done.failed)
             elif (verdict is not None and verdict.state == ABSENT) or _resend_is_harmless(m):
                 how = "not at the provider: sent again" if verdict is not None else "resent with the same attempt key"
                 _move(db, m, now, how, {"status": QUEUED, "due_at": now, "enqueued_at": now,
@@ -139,7 +140,7 @@ def _settle_claims(claims: list[Message], s: Settings, now: datetime, enqueue: E
     again = done.resent + done.same_key
     if again:
         enqueue(again, 0.0)
-    for name in ("resent", "same_key", "found", "unknown"):
+    for name in ("resent", "same_key", "found", "unknown", "failed"):
         ids = getattr(done, name)
         if ids:
             log.warning("recovered %d claim(s) (%s): %s", len(ids), name, ",".join(ids[:50]))
