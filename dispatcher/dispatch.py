@@ -46,6 +46,7 @@ from .config import Settings
 from .errors import BrokerUnavailable
 from .logs import about
 from .ratelimit import RateLimiterUnavailable
+from .ratelimit.strategy import CONFIRM_LEAD, PRIORITY_GUARD
 from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, SendResult
 from .redact import mask
 from .retry import backoff
@@ -85,6 +86,16 @@ class Claim:
     worker: str
     at: datetime
     messages: list[Message]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """When a message may go: its reserved instant (time.monotonic()), the lateness allowed
+    (None: any), and for a campaign message the ticket that confirms the slot is still its own."""
+
+    at: float
+    slack: float | None = None
+    ticket: str | None = None
 
 
 def dispatch_batch(
@@ -127,7 +138,7 @@ def dispatch_batch(
                 runtime.adapter_for(m.provider)
             # Reserve send instants only now that the claim is committed, so that they start at once:
             # a send that goes later than its reserved instant would crowd the next one at the provider.
-            send_at, later = admit([(m.id, m.provider) for m in claim.messages], s, room)
+            send_at, later = admit([(m.id, m.provider, m.campaign_id is not None) for m in claim.messages], s, room)
         except BaseException:
             log.exception("dispatch failed between claim and send; handing back %d message(s) unstarted: %s",
                           len(claim.messages), ",".join(m.id for m in claim.messages))
@@ -194,7 +205,7 @@ class SendJob:
     taken from this worker meanwhile).
     """
 
-    def __init__(self, claim: Claim, send_at: dict[str, tuple[float, float | None]], room: transport.Room,
+    def __init__(self, claim: Claim, send_at: dict[str, Slot], room: transport.Room,
                  s: Settings, clock: Callable[[], datetime], enqueue: Callable[[list[str], float], None] | None,
                  report: BatchReport) -> None:
         self.claim, self.send_at, self.room, self.s = claim, send_at, room, s
@@ -204,7 +215,8 @@ class SendJob:
         with self.room:
             stopping = transport.process_loop().stopping
             starts = Starts(self.s.database_url, self.claim.token, self.clock)
-            results = await send_all(self.claim.messages, self.send_at, starts, stopping, self.room)
+            results = await send_all(self.claim.messages, self.send_at, starts, stopping, self.room,
+                                     BulkSlots(self.s))
             await record_durably(self.s, lambda: _record(self.claim, results, self.report, self.s, self.clock,
                                                          self.enqueue), [m.id for m in self.claim.messages])
         return self.report
@@ -250,11 +262,71 @@ class Starts:
             return queries.mark_started(db, ids, self.token, None)
 
 
+class BulkSlots:
+    """Confirms campaign messages' rate-limit slots just before use (CONFIRM_LEAD ahead of each),
+    all that come due in one turn of the loop in one Redis round trip. A slot that a single
+    send took meanwhile (ratelimit/strategy.py, "Priority") is replaced by a new one, at the
+    end of the account's reserved slots."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self._confirms = _Coalesced(self._confirm, "confirm the rate-limit slots of")
+        self._tickets: dict[str, tuple[str, str]] = {}  # message id -> (account, ticket) being confirmed
+
+    async def hold(self, message_id: str, account: str, slot: Slot) -> object:
+        """The slot to send at, now this message's for good (a Slot without a ticket);
+        MISSED_SLOT when no new slot comes within throttle_wait, NOT_STARTED when Redis is away:
+        either way the message is handed back unstarted."""
+        while slot.ticket is not None:
+            wait = slot.at - CONFIRM_LEAD - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._tickets[message_id] = (account, slot.ticket)
+            answer = await self._confirms.submit(message_id, STARTED)
+            if answer is STARTED:
+                return Slot(slot.at, slot.slack)
+            if answer is NOT_STARTED:
+                return NOT_STARTED
+            again = await asyncio.to_thread(self._again, account)
+            if not isinstance(again, Slot):
+                return again
+            slot = again
+        return slot
+
+    def _confirm(self, ids: list[str]) -> set[str]:
+        by_account: dict[str, list[tuple[str, str]]] = {}
+        for mid in ids:
+            account, ticket = self._tickets.pop(mid)
+            by_account.setdefault(account, []).append((mid, ticket))
+        ours: set[str] = set()
+        for account, held in by_account.items():
+            answers = runtime.limiter().confirm(account, [t for _, t in held])
+            ours.update(mid for (mid, _), ok in zip(held, answers) if ok)
+        return ours
+
+    def _again(self, account: str) -> object:
+        rate = self.s.providers[account].rate_limit
+        try:
+            r = runtime.limiter().reserve(account, rate, 1, max_wait=self.s.throttle_wait, bulk=True)
+        except RateLimiterUnavailable:
+            return NOT_STARTED
+        if not r.granted:
+            return MISSED_SLOT
+        metrics.limiter_waits(account, r.delays, 0)
+        return _slot(time.monotonic(), r.delays[0], r.slack if rate is not None else None, r.tickets[0])
+
+
+def _slot(reserved_at: float, delay: float, slack: float | None, ticket: str | None) -> Slot:
+    """A reserved slot; a bulk ticket is dropped when the slot is too close for any single send
+    to take it (PRIORITY_GUARD), so it needs no confirm."""
+    return Slot(reserved_at + delay, slack, ticket if delay >= PRIORITY_GUARD else None)
+
+
 class _Coalesced:
     """Runs `write(ids) -> ids done` in a thread for every id submitted in one turn of the loop."""
 
-    def __init__(self, write: Callable[[list[str]], set[str]]) -> None:
-        self.write = write
+    def __init__(self, write: Callable[[list[str]], set[str]], what: str = "record the start of") -> None:
+        self.write, self.what = write, what
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.flushing = False
 
@@ -275,7 +347,7 @@ class _Coalesced:
                 try:
                     ours = await asyncio.to_thread(self.write, ids)
                 except Exception as exc:  # noqa: BLE001 - an unreachable store: the callers send nothing
-                    log.warning("could not record the start of %d message(s) (%s: %s): %s", len(ids),
+                    log.warning("could not %s %d message(s) (%s: %s): %s", self.what, len(ids),
                                 type(exc).__name__, exc, ",".join(ids))
                     for _, f in batch:
                         f.set_result(NOT_STARTED)
@@ -389,25 +461,27 @@ def _fit(v: dict) -> dict:
 
 
 def admit(
-    waiting: Sequence[tuple[str, str]], s: Settings, room: transport.Room
-) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
-    """Ask the global limiter, once per account, for send instants for claimed messages whose
-    room in the process is already taken (`room`); room not used is given back.
+    waiting: Sequence[tuple[str, str, bool]], s: Settings, room: transport.Room
+) -> tuple[dict[str, Slot], dict[str, float]]:
+    """Ask the global limiter, once per account and class, for send instants for claimed messages
+    (id, account, is a campaign's) whose room in the process is already taken (`room`); room
+    not used is given back. Campaign messages reserve as bulk: a single send may take their
+    slot until they confirm it (BulkSlots; ratelimit/strategy.py, "Priority").
 
-    Returns ({id: (time.monotonic() instant to send at, lateness allowed or None)},
-    {id: seconds until it should be tried again}). The lateness allowed is the limiter's
-    slack (half its jitter margin): a later send could crowd the next reserved one at the provider.
-    What cannot go within `throttle_wait` is put back without an attempt counted.
+    Returns ({id: Slot}, {id: seconds until it should be tried again}). A slot's lateness
+    allowed is the limiter's slack (half its jitter margin): a later send could crowd the next
+    reserved one at the provider. What cannot go within `throttle_wait` is put back without
+    an attempt counted.
     """
-    by_account: dict[str, list[str]] = {}
-    for mid, account in waiting:
-        by_account.setdefault(account, []).append(mid)
-    admitted: dict[str, tuple[float, float | None]] = {}
+    by_account: dict[tuple[str, bool], list[str]] = {}
+    for mid, account, bulk in waiting:
+        by_account.setdefault((account, bulk), []).append(mid)
+    admitted: dict[str, Slot] = {}
     later: dict[str, float] = {}
-    for account, mids in by_account.items():
+    for (account, bulk), mids in by_account.items():
         rate = s.providers[account].rate_limit if account in s.providers else None
         try:
-            r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait)
+            r = runtime.limiter().reserve(account, rate, len(mids), max_wait=s.throttle_wait, bulk=bulk)
         except RateLimiterUnavailable as exc:
             room.release(account, len(mids))
             log.warning("rate limiter unreachable (%s); %d message(s) of %s wait", exc, len(mids), account)
@@ -416,7 +490,8 @@ def admit(
         room.release(account, len(mids) - r.granted)
         reserved_at = time.monotonic()
         slack = None if rate is None else r.slack
-        admitted.update(zip(mids[: r.granted], ((reserved_at + d, slack) for d in r.delays)))
+        tickets = r.tickets or [None] * r.granted
+        admitted.update(zip(mids[: r.granted], (_slot(reserved_at, d, slack, t) for d, t in zip(r.delays, tickets))))
         metrics.limiter_waits(account, r.delays, len(mids) - r.granted)
         if r.granted < len(mids):
             wait = r.retry_after if r.retry_after is not None else s.throttle_wait
@@ -470,11 +545,13 @@ def _learn(sent: Sequence[tuple[Message, object]]) -> None:
 
 
 async def send_all(
-    messages: Sequence[Message], send_at: dict[str, tuple[float, float | None]] | None = None,
+    messages: Sequence[Message], send_at: dict[str, Slot] | None = None,
     starts: "Starts | None" = None, stopping: threading.Event | None = None, room: transport.Room | None = None,
+    bulk_slots: BulkSlots | None = None,
 ) -> list[object]:
     """Send every message concurrently over the process's Wire (transport.py), each at its reserved
-    instant, once `starts` has recorded that its request may begin. A message is not sent
+    instant, once `starts` has recorded that its request may begin (and a campaign message's slot
+    is confirmed still its own: `bulk_slots`). A message is not sent
     (MISSED_SLOT, NOT_STARTED, NOT_OURS) when it wakes later than its allowed lateness, when the
     worker is stopping, or when its start cannot be recorded as this claim's.
 
@@ -495,7 +572,13 @@ async def send_all(
 
     async def attempt(m: Message) -> object:
         adapter = runtime.adapter_for(m.provider)
-        at, slack = send_at.get(m.id, (0.0, None))
+        slot = send_at.get(m.id) or Slot(0.0)
+        if slot.ticket is not None and bulk_slots is not None:  # a single send may have taken it
+            held = await bulk_slots.hold(m.id, m.provider, slot)
+            if not isinstance(held, Slot):
+                return held
+            slot = held
+        at, slack = slot.at, slot.slack
         # Record the start a moment ahead of a reserved slot, so the store's latency never delays
         # the send, where a start recorded for nothing is harmless (a resend under the same key);
         # elsewhere at the slot itself, so a crash leaves the shortest "may have started" gap.

@@ -30,6 +30,11 @@ def rate_log(account: str) -> str:
     return f"{prefix()}:rl:{{{account}}}:log"
 
 
+def rate_bulk(account: str) -> str:
+    """Bulk (campaign) instants reserved and not yet confirmed: a priority send may take them."""
+    return f"{prefix()}:rl:{{{account}}}:bulk"
+
+
 def rate_pause(account: str) -> str:
     """Pause-until (ms since epoch) learned from a provider's 429 / rate headers."""
     return f"{prefix()}:rl:{{{account}}}:pause"

@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 import dispatcher
 from dispatcher import runtime
+from dispatcher.store import campaign_queries as cq
 from dispatcher.testing import SandboxProcess, WorkerProcesses, most_in_window
 
 from .conftest import wait_for, write_config
 
 ACCOUNTS = """
 [providers.bulk]
+kind = "emsgnow"
+base_url = "{url}"
+api_key = "{key}"
+from = "ACME"
+rate_limit = "10/s"
+
+[providers.reserved]
 kind = "emsgnow"
 base_url = "{url}"
 api_key = "{key}"
@@ -122,3 +131,28 @@ def test_a_single_send_overtakes_a_running_campaign_within_two_slots(pipeline, b
     observe(1.5)
     everything = arrivals(provider, "bulk ") + [single_at]
     assert most_in_window(everything, 1.0) <= 4  # the account's limit held throughout
+
+
+def test_a_single_send_takes_a_slot_ahead_of_campaign_messages_already_holding_the_next_seconds(pipeline, broker_down):
+    provider, workers = pipeline
+    start = datetime.now(timezone.utc) + timedelta(hours=1)  # the feeder leaves this campaign alone...
+    c = dispatcher.campaign("reserved", [{"to": f"+1415555{i:04d}", "n": str(i)} for i in range(30)], "held {n}",
+                            not_before=start)
+    with runtime.session() as db:  # ...and its 30 messages go to the workers at once, as a burst would
+        ids = cq.release(db, [row.id for row in cq.due_pending(db, c.id, start, 30)], datetime.now(timezone.utc))
+    workers.publish(ids)  # at 10/s the workers now hold the account's next 2 s of slots for them
+    wait_for(lambda: len(arrivals(provider, "held ")) >= 3, timeout=20)
+
+    single = dispatcher.send("reserved", "+14155550998", "your code is 111222")
+    published = time.time()
+    workers.publish([single.id])
+    wait_for(lambda: arrivals(provider, "your code is 111222"), timeout=20)
+    [single_at] = arrivals(provider, "your code is 111222")
+    ahead = [t for t in arrivals(provider, "held ") if published < t < single_at]
+    assert len(ahead) <= 2, f"{len(ahead)} campaign messages went first ({single_at - published:.2f}s)"
+
+    wait_for(lambda: len(arrivals(provider, "held ")) >= 30, timeout=30)  # the one it displaced went later
+    observe(0.5)
+    held = arrivals(provider, "held ")
+    assert len(held) == 30  # each once
+    assert most_in_window(held + [single_at], 1.0) <= 10  # the account's limit held throughout

@@ -119,6 +119,43 @@ def test_a_burst_as_large_as_the_limit_sends_n_at_once_then_waits_a_full_window(
     assert r.delays[10] > 1.0
 
 
+# --------------------------------------------------------------------------- priority over bulk
+def test_a_priority_slot_goes_ahead_of_a_campaigns_reserved_slots_and_the_limit_holds(limiter, account):
+    rate = parse_rate_limit("10/s")
+    bulk = limiter.reserve(account, rate, 20, max_wait=5, bulk=True)  # 2 s of campaign slots ahead
+    single = limiter.reserve(account, rate, 1, max_wait=5)
+
+    assert single.taken == 1 and single.delays[0] < 0.15  # the next slot, not after the 20
+    lost = limiter.confirm(account, bulk.tickets)
+    assert lost.count(False) == 1  # exactly the slot it took
+    victim = lost.index(False)
+    assert bulk.instants[victim] == pytest.approx(single.instants[0])
+    again = limiter.reserve(account, rate, 1, max_wait=5, bulk=True)  # the holder reserves again, at the end
+    assert again.instants[0] > max(bulk.instants)
+    used = [t for t, ok in zip(bulk.instants, lost) if ok] + single.instants + again.instants
+    assert len(used) == 21 and most_in_window(used, 1.0) == 10
+
+
+def test_confirmed_and_imminent_bulk_slots_are_never_taken(limiter, account):
+    rate = parse_rate_limit("10/s")
+    bulk = limiter.reserve(account, rate, 5, max_wait=5, bulk=True)  # the first is due now
+    assert limiter.confirm(account, bulk.tickets[1:2]) == [True]  # its holder is about to send it
+
+    single = limiter.reserve(account, rate, 1, max_wait=5)
+
+    assert single.taken == 1 and single.instants[0] == pytest.approx(bulk.instants[2])
+    assert limiter.confirm(account, bulk.tickets) == [True, False, False, True, True]  # [1] was confirmed already
+
+
+def test_priority_reservations_never_take_from_each_other(limiter, account):
+    rate = parse_rate_limit("10/s")
+    first = limiter.reserve(account, rate, 5, max_wait=5)
+    second = limiter.reserve(account, rate, 1, max_wait=5)
+
+    assert second.taken == 0 and second.instants[0] > max(first.instants)
+    assert first.tickets == [] and second.tickets == []
+
+
 # --------------------------------------------------------------------------- the batch contract
 def _worst_lateness(instants: list[float], late: float, unit: float) -> int:
     """The most sends in any window when every slot before some pivot goes `late` seconds late
@@ -322,11 +359,27 @@ def test_the_in_process_reference_decides_exactly_what_the_redis_script_decides(
         for text, burst in [("20/s", 1), ("5/s", 3), ("3/s", 3), ("2.5/s", 1), ("50/s", 80)]
     }
     rng = random.Random(7)
-    for _ in range(150):
+    held: list[tuple[str, str]] = []  # bulk tickets not confirmed yet
+    seen = {"tickets": 0, "taken": 0, "confirmed": 0}
+    for _ in range(300):
         account = rng.choice(list(rules))
+        if held and rng.random() < 0.2:
+            some = [held.pop(rng.randrange(len(held))) for _ in range(min(len(held), rng.randint(1, 3)))]
+            for acct in {a for a, _ in some}:
+                tickets = [t for a, t in some if a == acct]
+                answer = shared.confirm(acct, tickets)
+                assert reference.confirm(acct, tickets) == answer
+                seen["confirmed"] += sum(answer)
+            continue
         n, horizon_us = rng.randint(0, 12), rng.choice([0, 100_000, 400_000, 2_000_000])
-        got = shared.reserve(account, rules[account], n, horizon_us)
-        assert reference.reserve(account, rules[account], n, horizon_us, now_us=got.now_us) == got
+        bulk, guard_us = rng.random() < 0.5, rng.choice([0, 30_000])
+        got = shared.reserve(account, rules[account], n, horizon_us, bulk=bulk, guard_us=guard_us)
+        assert reference.reserve(account, rules[account], n, horizon_us, bulk=bulk, guard_us=guard_us,
+                                 now_us=got.now_us) == got
+        held += [(account, t) for t in got.tickets]
+        seen["tickets"] += len(got.tickets)
+        seen["taken"] += got.taken
+    assert min(seen.values()) > 0, seen  # every branch was exercised
 
 
 def test_rule_for_turns_a_limit_into_window_spacing_and_burst():

@@ -7,6 +7,7 @@ All times are integer microseconds on the Redis server's clock.
 KEYS[1]  bucket  hash  {tat = GCRA theoretical arrival time (µs), seq = member counter}
 KEYS[2]  log     zset  reserved send instants; score = instant (µs), member = "<instant>:<seq>"
 KEYS[3]  pause   string  pause-until, ms since epoch (written by pause.lua); read only here
+KEYS[4]  bulk    zset    the log's members reserved by bulk calls and not yet confirmed (see below)
 
 ARGV[1]  n          slots wanted (0 = only look: nothing is recorded)
 ARGV[2]  horizon    grant only instants <= now + horizon (the caller's max_wait)
@@ -14,19 +15,33 @@ ARGV[3]  emission   GCRA spacing between instants once the burst is spent
 ARGV[4]  tolerance  GCRA burst allowance, (burst - 1) * emission
 ARGV[5]  window     the limit's period plus the safety margin
 ARGV[6]  cap        at most this many instants in any window of that length (0 = no limit)
+ARGV[7]  bulk       1: a bulk call (campaign messages), 0: a priority call (everything else)
+ARGV[8]  guard      a priority call takes only bulk instants at or after now + guard
 
-Returns {now, granted, next_free - now, pause_ms or 0, offset_1, ..., offset_granted}
-where offset_i = instant_i - now (non-decreasing) and next_free is the instant one more slot
-would get (never earlier than the pause end while a pause holds; a pause grants nothing).
+Priority. A bulk call's instants are also listed in `bulk` until their holder confirms them
+(a ZREM, just before it sends). A priority call takes, for each slot it needs, the earliest
+unconfirmed bulk instant at or after now + guard when that comes before the next free instant:
+the instant stays in the log, counted once, and now belongs to the priority caller; the bulk
+holder's confirm finds its member gone and it reserves again. So a single send waits for at
+most the bulk instants already being sent, not for the whole bulk backlog reserved ahead of it.
+
+Returns {now, granted, next_free - now, pause_ms or 0, taken, offset_1, ..., offset_granted,
+ticket_1, ..., ticket_granted (bulk calls only)}
+where offset_i = instant_i - now (non-decreasing), next_free is the instant one more slot would
+get (never earlier than the pause end while a pause holds; a pause grants nothing), taken is how
+many of the granted instants a priority call took from bulk holders, and ticket_i names a bulk
+instant for its confirm.
 ]]
 
-local bucket, log, pause = KEYS[1], KEYS[2], KEYS[3]
+local bucket, log, pause, bulk = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local n = tonumber(ARGV[1])
 local horizon = tonumber(ARGV[2])
 local emission = tonumber(ARGV[3])
 local tolerance = tonumber(ARGV[4])
 local window = tonumber(ARGV[5])
 local cap = tonumber(ARGV[6])
+local is_bulk = ARGV[7] == '1'
+local guard = tonumber(ARGV[8])
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -40,14 +55,15 @@ if paused then shown_pause = pause_ms end
 local function int(x) return string.format('%.0f', x) end
 
 if cap == 0 then  -- no limit configured: only a pause holds anything back
-  if paused then return {now, 0, start - now, shown_pause} end
-  local reply = {now, n, 0, 0}
-  for i = 1, n do reply[4 + i] = 0 end
+  if paused then return {now, 0, start - now, shown_pause, 0} end
+  local reply = {now, n, 0, 0, 0}
+  for i = 1, n do reply[5 + i] = 0 end
   return reply
 end
 
 -- Instants at or before now - window can no longer constrain a slot at or after now.
 redis.call('ZREMRANGEBYSCORE', log, '-inf', int(now - window))
+redis.call('ZREMRANGEBYSCORE', bulk, '-inf', int(now - window))  -- long past: never takeable, only clutter
 local count = redis.call('ZCARD', log)
 local tat = tonumber(redis.call('HGET', bucket, 'tat') or '0')
 local last = 0
@@ -75,27 +91,46 @@ local function next_slot()
   return at
 end
 
+-- Bulk instants a priority call may take: unconfirmed, at or after now + guard, within its horizon.
+local takeable = {}
+if not paused and not is_bulk and n > 0 then
+  local flat = redis.call('ZRANGEBYSCORE', bulk, int(now + guard), int(now + horizon), 'WITHSCORES', 'LIMIT', 0, n)
+  for i = 1, #flat, 2 do takeable[#takeable + 1] = {flat[i], tonumber(flat[i + 1])} end
+end
+
+local granted = {}  -- instants in order; new ones are also in `new`
+local taken = 0
 if not paused then
-  while #new < n do
+  while #granted < n do
     local at = next_slot()
-    if at > now + horizon then break end
-    new[#new + 1] = at
-    tat = math.max(tat, at) + emission
-    last = at
+    local other = takeable[taken + 1]
+    if other and (at > now + horizon or other[2] < at) then
+      taken = taken + 1
+      granted[#granted + 1] = other[2]
+      redis.call('ZREM', bulk, other[1])
+    else
+      if at > now + horizon then break end
+      new[#new + 1] = at
+      granted[#granted + 1] = at
+      tat = math.max(tat, at) + emission
+      last = at
+    end
   end
 end
 local next_free = next_slot()
 
-local reply = {now, #new, next_free - now, shown_pause}
+local reply = {now, #granted, next_free - now, shown_pause, taken}
+for i, at in ipairs(granted) do reply[5 + i] = at - now end
 if #new > 0 then
   local seq = redis.call('HINCRBY', bucket, 'seq', #new) - #new
   local args = {}
   for i, at in ipairs(new) do
     args[#args + 1] = int(at)
     args[#args + 1] = int(at) .. ':' .. int(seq + i)
-    reply[4 + i] = at - now
+    if is_bulk then reply[5 + #granted + i] = args[#args] end
     if #args >= 1000 or i == #new then  -- unpack() has a stack limit: add in chunks
       redis.call('ZADD', log, unpack(args))
+      if is_bulk then redis.call('ZADD', bulk, unpack(args)) end
       args = {}
     end
   end
@@ -103,5 +138,6 @@ if #new > 0 then
   local ttl_ms = math.floor((math.max(tat, last + window) - now) / 1000) + 1000
   redis.call('PEXPIRE', bucket, ttl_ms)
   redis.call('PEXPIRE', log, ttl_ms)
+  if is_bulk then redis.call('PEXPIRE', bulk, ttl_ms) end
 end
 return reply

@@ -3,8 +3,11 @@
 The strategy (strategy.py) turns a configured limit into a `SlotRule` and asks a storage for
 two atomic primitives:
 
-* `reserve(account, rule, n, horizon_us)`: decide up to n send instants under the rule, record
-  them and report the next free one, all in one step on one clock;
+* `reserve(account, rule, n, horizon_us, bulk=, guard_us=)`: decide up to n send instants under
+  the rule, record them and report the next free one, all in one step on one clock; a bulk
+  call's instants may be taken by a later priority call until they are confirmed;
+* `confirm(account, tickets)`: a bulk holder claims its instants for good, just before it sends
+  (those already taken come back False: the holder reserves again);
 * `extend_pause(account, until_ms)` / `read_pause(account)`: an extend-only pause.
 
 `RedisRateStorage` is the one the dispatcher ships: each primitive is one Lua script
@@ -59,6 +62,8 @@ class Grant:
     offsets_us: tuple[int, ...]  # one per granted slot: instant - now, non-decreasing
     next_free_us: int  # instant - now that one more slot would get
     pause_ms: int  # pause end in force (ms since epoch), 0 when none
+    taken: int = 0  # a priority call: how many of its instants were taken from bulk holders
+    tickets: tuple[str, ...] = ()  # a bulk call: one per granted instant, for confirm()
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,14 @@ class RateStorage(ABC):
     """The atomic primitives a rate-limit strategy needs, per account."""
 
     @abstractmethod
-    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int) -> Grant:
-        """Grant up to n instants no later than now + horizon_us; n = 0 only looks."""
+    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int, *, bulk: bool = False,
+                guard_us: int = 0) -> Grant:
+        """Grant up to n instants no later than now + horizon_us; n = 0 only looks. A priority
+        call (bulk False) may take bulk instants not yet confirmed that lie at or after now + guard_us."""
+
+    @abstractmethod
+    def confirm(self, account: str, tickets: list[str]) -> list[bool]:
+        """Claim bulk instants for good; False for each one a priority call took."""
 
     @abstractmethod
     def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
@@ -118,12 +129,24 @@ class RedisRateStorage(RateStorage):
         )
         return cls(client)
 
-    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int) -> Grant:
-        args = [n, horizon_us, *_rule_args(rule)]
+    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int, *, bulk: bool = False,
+                guard_us: int = 0) -> Grant:
+        args = [n, horizon_us, *_rule_args(rule), int(bulk), guard_us]
         with _unavailable_on_redis_errors(f"reserving slots for {account!r}"):
             reply = self._reserve(keys=_reserve_keys(account), args=args)
-        now, granted, next_free, pause_ms = (int(v) for v in reply[:4])
-        return Grant(now, tuple(int(v) for v in reply[4 : 4 + granted]), next_free, pause_ms)
+        now, granted, next_free, pause_ms, taken = (int(v) for v in reply[:5])
+        offsets = tuple(int(v) for v in reply[5 : 5 + granted])
+        tickets = tuple(v.decode() for v in reply[5 + granted :])
+        return Grant(now, offsets, next_free, pause_ms, taken, tickets)
+
+    def confirm(self, account: str, tickets: list[str]) -> list[bool]:
+        if not tickets:
+            return []
+        with _unavailable_on_redis_errors(f"confirming slots of {account!r}"):
+            pipe = self.client.pipeline(transaction=False)
+            for ticket in tickets:
+                pipe.zrem(keys.rate_bulk(account), ticket)
+            return [bool(removed) for removed in pipe.execute()]
 
     def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
         with _unavailable_on_redis_errors(f"pausing {account!r}"):
@@ -138,7 +161,7 @@ class RedisRateStorage(RateStorage):
 
 
 def _reserve_keys(account: str) -> list[str]:
-    return [keys.rate_bucket(account), keys.rate_log(account), keys.rate_pause(account)]
+    return [keys.rate_bucket(account), keys.rate_log(account), keys.rate_pause(account), keys.rate_bulk(account)]
 
 
 def _rule_args(rule: SlotRule | None) -> list[int]:
@@ -153,6 +176,8 @@ class _AccountState:
     tat: int = 0
     log: list[int] = field(default_factory=list)  # reserved instants, ascending
     pause_ms: int = 0
+    seq: int = 0  # members named so far
+    bulk: dict[str, int] = field(default_factory=dict)  # unconfirmed bulk ticket -> instant
 
 
 class MemoryRateStorage(RateStorage):
@@ -166,11 +191,18 @@ class MemoryRateStorage(RateStorage):
         self._lock = threading.Lock()
         self._accounts: dict[str, _AccountState] = {}
 
-    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int, *, now_us: int | None = None) -> Grant:
+    def reserve(self, account: str, rule: SlotRule | None, n: int, horizon_us: int, *, bulk: bool = False,
+                guard_us: int = 0, now_us: int | None = None) -> Grant:
         """`now_us` replaces the clock reading (used to replay what Redis decided)."""
         now = round(self.clock() * 1e6) if now_us is None else now_us
         with self._lock:
-            return plan_slots(self._accounts.setdefault(account, _AccountState()), rule, n, horizon_us, now)
+            state = self._accounts.setdefault(account, _AccountState())
+            return plan_slots(state, rule, n, horizon_us, now, bulk=bulk, guard_us=guard_us)
+
+    def confirm(self, account: str, tickets: list[str]) -> list[bool]:
+        with self._lock:
+            held = self._accounts.setdefault(account, _AccountState()).bulk
+            return [held.pop(t, None) is not None for t in tickets]
 
     def extend_pause(self, account: str, until_ms: int, longest_ms: int) -> PauseState:
         now_ms = int(self.clock() * 1000)
@@ -190,7 +222,8 @@ class MemoryRateStorage(RateStorage):
             return state.pause_ms if state is not None and state.pause_ms > now_ms else 0
 
 
-def plan_slots(state: _AccountState, rule: SlotRule | None, n: int, horizon_us: int, now: int) -> Grant:
+def plan_slots(state: _AccountState, rule: SlotRule | None, n: int, horizon_us: int, now: int, *,
+               bulk: bool = False, guard_us: int = 0) -> Grant:
     """reserve.lua, line for line, over an in-process state (mutated in place)."""
     paused = state.pause_ms * 1000 > now
     start = state.pause_ms * 1000 if paused else now
@@ -200,6 +233,7 @@ def plan_slots(state: _AccountState, rule: SlotRule | None, n: int, horizon_us: 
             return Grant(now, (), start - now, shown_pause)
         return Grant(now, (0,) * n, 0, 0)
     state.log = [s for s in state.log if s > now - rule.window_us]
+    state.bulk = {t: at for t, at in state.bulk.items() if at > now - rule.window_us}
     old, tat = state.log, state.tat
     last = old[-1] if old else 0
     new: list[int] = []
@@ -212,14 +246,34 @@ def plan_slots(state: _AccountState, rule: SlotRule | None, n: int, horizon_us: 
             at = max(at, earlier + rule.window_us)
         return at
 
-    while not paused and len(new) < n:
+    takeable: list[tuple[str, int]] = []
+    if not paused and not bulk and n > 0:
+        takeable = sorted(((t, at) for t, at in state.bulk.items() if now + guard_us <= at <= now + horizon_us),
+                          key=lambda item: (item[1], item[0]))[:n]
+    granted: list[int] = []
+    taken = 0
+    while not paused and len(granted) < n:
         at = next_slot()
+        other = takeable[taken] if taken < len(takeable) else None
+        if other is not None and (at > now + horizon_us or other[1] < at):
+            taken += 1
+            granted.append(other[1])
+            del state.bulk[other[0]]
+            continue
         if at > now + horizon_us:
             break
         new.append(at)
+        granted.append(at)
         tat = max(tat, at) + rule.emission_us
         last = at
     next_free = next_slot()
+    tickets: tuple[str, ...] = ()
+    if new:
+        tickets = tuple(f"{at}:{state.seq + i}" for i, at in enumerate(new, start=1))
+        state.seq += len(new)
+        if bulk:
+            state.bulk.update(zip(tickets, new))
     state.log.extend(new)
     state.tat = tat
-    return Grant(now, tuple(at - now for at in new), next_free - now, shown_pause)
+    return Grant(now, tuple(at - now for at in granted), next_free - now, shown_pause, taken,
+                 tickets if bulk else ())
