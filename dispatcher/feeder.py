@@ -8,7 +8,9 @@ provider account, only what the account's limit lets go within a short look-ahea
 
 * Priority. A single send() goes straight to the broker; it counts in "already queued", so
   the feeder gives way, and it finds at most a look-ahead's worth of campaign messages ahead
-  of it (LOOKAHEAD_SLOTS of the account's slots, at least LOOKAHEAD_MIN seconds).
+  of it (LOOKAHEAD_SLOTS of the account's slots, at least LOOKAHEAD_MIN seconds). Those hold
+  their rate-limit slots as bulk, which a single send may take until they are confirmed
+  (ratelimit/strategy.py, "Priority"), so it does not wait for the look-ahead either.
 * Fairness. The room of an account is split evenly between its running campaigns (the
   remainder rotates); what one campaign cannot use goes to the others.
 * Windows. A row due but outside its window (read in its zone when it is released) is put off
