@@ -45,8 +45,10 @@ class BeatLock:
     def acquire(self) -> bool:
         return bool(self.client.set(self.key, self.token, nx=True, px=int(self.ttl * 1000)))
 
-    def renew(self) -> bool:
-        return bool(self.client.eval(_RENEW, 1, self.key, self.token, int(self.ttl * 1000)))
+    def renew(self, ttl: float | None = None) -> bool:
+        """Extend the lock to `ttl` (default: the lock's TTL) from now, if this holder still has it."""
+        ms = max(1, int((self.ttl if ttl is None else ttl) * 1000))
+        return bool(self.client.eval(_RENEW, 1, self.key, self.token, ms))
 
     def release(self) -> None:
         self.client.eval(_RELEASE, 1, self.key, self.token)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import uuid
 from collections import Counter
@@ -43,6 +42,7 @@ from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from . import keys, runtime
+from .beatlock import BeatLock
 from .config import Settings
 from .errors import BrokerUnavailable
 from .ratelimit import RateLimiterUnavailable
@@ -333,34 +333,24 @@ def _enqueue(ids: list[str], s: Settings, enqueue: Callable[..., None]) -> None:
 
 
 # --------------------------------------------------------------------------- the round lock
-_clients: dict[tuple[str, int], Any] = {}
-
-
 class _RoundLock:
     """Take the right to run one round now: at most one round per FEED_INTERVAL across every
-    process, never two at once. Yields False when another feeder holds it."""
+    process, never two at once. Yields False when another feeder holds it. The lock is kept
+    FEED_INTERVAL after the round began (or given up, if the round took longer), only while this
+    round still holds it: a round stuck past ROUND_LOCK_MS never shortens a newer round's lock."""
 
     def __init__(self, s: Settings) -> None:
-        self.s = s
-        self.key = keys.campaign_feeder_lock()
-        self.token = uuid.uuid4().hex
+        self.lock = BeatLock(s.redis_url, ttl=ROUND_LOCK_MS / 1000, key=keys.campaign_feeder_lock(),
+                             token=uuid.uuid4().hex)
         self.started = 0.0
         self.mine = False
-
-    def _client(self) -> Any:
-        import redis
-
-        k = (self.s.redis_url, os.getpid())
-        if k not in _clients:
-            _clients[k] = redis.Redis.from_url(self.s.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        return _clients[k]
 
     def __enter__(self) -> bool:
         import redis
 
         self.started = time.monotonic()
         try:
-            self.mine = bool(self._client().set(self.key, self.token, nx=True, px=ROUND_LOCK_MS))
+            self.mine = self.lock.acquire()
         except redis.exceptions.RedisError as exc:
             raise RateLimiterUnavailable(str(exc)) from exc
         return self.mine
@@ -370,12 +360,11 @@ class _RoundLock:
 
         if not self.mine:
             return
-        spent_ms = (time.monotonic() - self.started) * 1000
-        rest = int(FEED_INTERVAL * 1000 - spent_ms)
+        rest = FEED_INTERVAL - (time.monotonic() - self.started)
         try:
-            if rest > 0:  # keep others off until FEED_INTERVAL after this round began
-                self._client().pexpire(self.key, rest)
+            if rest > 0.001:  # keep others off until FEED_INTERVAL after this round began
+                self.lock.renew(rest)
             else:
-                self._client().delete(self.key)
+                self.lock.release()
         except redis.exceptions.RedisError:
             pass  # it expires by itself

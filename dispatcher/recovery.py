@@ -40,6 +40,7 @@ from typing import Callable
 from . import liveness, runtime, transport
 from .config import Settings
 from .providers.base import ABSENT, FOUND, LookupResult
+from .redis_client import shared
 from .store import queries
 from .store.db import session_scope
 from .store.models import ACCEPTED, FAILED, QUEUED, UNKNOWN, Message
@@ -217,7 +218,7 @@ def resync_if_broker_lost(s: Settings, now: datetime, enqueue: Enqueue) -> int:
 
     from . import keys
 
-    client = _redis(s.redis_url)
+    client = shared(s.redis_url)
     try:
         lost = bool(client.set(keys.broker_epoch(), uuid.uuid4().hex, nx=True))
     except redis.exceptions.RedisError as exc:
@@ -230,17 +231,6 @@ def resync_if_broker_lost(s: Settings, now: datetime, enqueue: Enqueue) -> int:
         log.warning("the broker's Redis lost its data (restarted without persistence?): published %d queued "
                     "message(s) again", count)
     return count
-
-
-_clients: dict[str, object] = {}
-
-
-def _redis(url: str):  # type: ignore[no-untyped-def]
-    import redis
-
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    return _clients[url]
 
 
 def _publish_again(s: Settings, now: datetime, published_before: datetime, due_before: datetime | None,

@@ -351,3 +351,20 @@ def test_read_csv_refuses_a_file_without_a_usable_header():
         with pytest.raises(dispatcher.ValidationError) as refused:
             read_csv(io.BytesIO(data))
         assert message in str(refused.value)
+
+
+def test_a_feeder_round_stuck_past_its_lock_never_cuts_a_newer_rounds_lock_short(dispatcher_env, redis_client):
+    from dispatcher import keys
+    from dispatcher.feeder import _RoundLock
+
+    s = runtime.settings()
+    stuck, newer = _RoundLock(s), _RoundLock(s)
+    assert stuck.__enter__() is True
+    redis_client.delete(keys.campaign_feeder_lock())  # its lock ran out while the round was stuck
+    assert newer.__enter__() is True
+    stuck.__exit__(None, None, None)  # the stuck round ends at last
+
+    assert redis_client.get(keys.campaign_feeder_lock()).decode() == newer.lock.token  # still the newer round's
+    assert redis_client.pttl(keys.campaign_feeder_lock()) > 1000  # and not shortened to the stuck one's rest
+    newer.__exit__(None, None, None)
+    assert 0 < redis_client.pttl(keys.campaign_feeder_lock()) <= 100  # kept FEED_INTERVAL after it began
