@@ -142,10 +142,10 @@ def dispatch_batch(
         except BaseException:
             log.exception("dispatch failed between claim and send; handing back %d message(s) unstarted: %s",
                           len(claim.messages), ",".join(m.id for m in claim.messages))
-            _hand_back(claim, {m.id: BUSY_WAIT for m in claim.messages}, s, enqueue)
+            _hand_back_surely(claim, {m.id: BUSY_WAIT for m in claim.messages}, s, enqueue, loop)
             raise
         if later:
-            _hand_back(claim, later, s, enqueue)
+            _hand_back_surely(claim, later, s, enqueue, loop)
             claim.messages = [m for m in claim.messages if m.id in send_at]
         report.claimed = len(claim.messages)
         if not claim.messages:
@@ -519,6 +519,19 @@ def _hand_back(claim: Claim, later: dict[str, float], s: Settings,
         _requeue(soon, enqueue)
     except BrokerUnavailable as exc:
         log.warning("could not re-enqueue %d throttled message(s) (%s); the beat will", len(soon), exc)
+
+
+def _hand_back_surely(claim: Claim, later: dict[str, float], s: Settings,
+                      enqueue: Callable[[list[str], float], None] | None, loop: transport.LoopThread) -> None:
+    """_hand_back now; if the store refuses, keep trying in the background (record_durably) rather
+    than leave the messages `sending` under a live claim until the lease runs out."""
+    try:
+        _hand_back(claim, later, s, enqueue)
+    except Exception as exc:  # noqa: BLE001 - retried, and logged with the ids
+        ids = list(later)
+        log.warning("could not hand back %d unstarted message(s) (%s: %s); trying again in the background: %s",
+                    len(ids), type(exc).__name__, str(exc)[:200], ",".join(ids))
+        loop.submit(lambda: record_durably(s, lambda: _hand_back(claim, later, s, enqueue), ids))
 
 
 def _hand_back_in(db, token: str, later: dict[str, float], now: datetime) -> list[str]:  # type: ignore[no-untyped-def]

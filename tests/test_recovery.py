@@ -207,6 +207,34 @@ def test_room_taken_for_a_batch_is_given_back_when_a_step_before_the_send_fails(
     assert loop.busy("alerts") == before  # nothing leaked, however often it fails
 
 
+def test_a_hand_back_the_store_refuses_is_retried_not_left_sending_until_the_lease(dispatcher_env, broker_down,
+                                                                                   monkeypatch, caplog):
+    from sqlalchemy.exc import OperationalError
+
+    from dispatcher import dispatch, transport
+
+    ids = dispatcher.send_many([{"provider": "alerts", "to": "+14155550123", "text": f"hb{i}"} for i in range(3)])
+    real, failures = queries.hand_back, []
+
+    def flaky(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OperationalError("UPDATE messages", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the limiter blew up")
+
+    monkeypatch.setattr(queries, "hand_back", flaky)
+    monkeypatch.setattr(dispatch, "admit", broken)
+    with pytest.raises(RuntimeError):
+        dispatch_batch(ids, enqueue=Enqueued())
+    transport.process_loop().drain(timeout=10)  # the background retry
+    assert {dispatcher.get(i).status for i in ids} == {"queued"}  # handed back, not `sending` for 5 minutes
+    assert len(failures) == 2
+    assert any(ids[0] in r.getMessage() for r in caplog.records if "hand back" in r.getMessage())
+
+
 def test_a_store_that_refuses_the_record_for_a_while_delays_it_but_loses_nothing(dispatcher_env, sandbox, broker_down,
                                                                                  monkeypatch, caplog):
     from sqlalchemy.exc import OperationalError
