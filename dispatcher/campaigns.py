@@ -17,9 +17,10 @@ state allow. The campaign's states:
     loading --(every row read)--> running --(nothing left waiting)--> done
     loading | running <--pause / resume--> paused        any but done --cancel--> cancelled
 
-Pause and cancel hold at once for every worker: the claim (queries.claim) takes a campaign's
-message only while its campaign is `running`, and the messages already in the broker go back
-to `pending` (pause) or end `cancelled` (cancel).
+Pause and cancel hold at once for every worker: the claim (queries.claim) and the start record
+just before each request (queries.mark_started) take a campaign's message only while its
+campaign is `running`, and the messages already in the broker go back to `pending` (pause) or
+end `cancelled` (cancel).
 """
 
 from __future__ import annotations
@@ -229,8 +230,9 @@ def list_campaigns(limit: int = 100) -> list[Campaign]:
 def pause_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
     """No further message of the campaign is handed to a provider until resume_campaign().
 
-    Takes hold at once on every worker: the claim needs a running campaign, and what the
-    broker already holds goes back to `pending`. Messages already being sent finish.
+    Takes hold at once on every worker: the claim and the start of each request need a running
+    campaign, and what the broker already holds goes back to `pending`. Requests already
+    written finish.
     Pausing a paused campaign changes nothing; a cancelled or done one raises TooLate.
     """
     now = clock()

@@ -247,15 +247,24 @@ class Starts:
         self._unmarks = _Coalesced(self._unmark)
 
     async def start(self, message_id: str) -> object:
-        """STARTED, NOT_OURS (the claim moved on) or NOT_STARTED (the store was unreachable)."""
+        """STARTED, NOT_OURS (the claim moved on, or its campaign stopped and it was handed back)
+        or NOT_STARTED (the store was unreachable)."""
         return await self._marks.submit(message_id, STARTED)
 
     async def unstart(self, message_id: str) -> None:
         await self._unmarks.submit(message_id, STARTED)
 
     def _mark(self, ids: list[str]) -> set[str]:
+        now = self.clock()
         with session_scope(self.url) as db:
-            return queries.mark_started(db, ids, self.token, self.clock())
+            ours = queries.mark_started(db, ids, self.token, now)
+            if len(ours) < len(ids):  # a campaign paused or cancelled since the claim: its messages go back
+                held = queries.hand_back(db, [i for i in ids if i not in ours], self.token, now, now,
+                                         unstarted_only=True)
+                if held:
+                    log.info("%d claimed message(s) of a paused or cancelled campaign handed back before "
+                             "their start: %s", len(held), ",".join(held))
+        return ours
 
     def _unmark(self, ids: list[str]) -> set[str]:
         with session_scope(self.url) as db:

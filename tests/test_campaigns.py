@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
@@ -264,6 +265,26 @@ def test_pause_stops_the_claim_at_once_resume_goes_on_cancel_ends_the_rest(limit
         assert queries.claim(db, again, utcnow(), "claim-1", "worker-1") == []
     with pytest.raises(dispatcher.TooLate):
         dispatcher.pause_campaign(c.id)
+
+
+def test_a_pause_holds_even_for_messages_already_claimed_and_waiting_for_their_slot(limited, sandbox, broker_down):
+    from dispatcher import transport
+    from dispatcher.campaigns import cq
+    from dispatcher.dispatch import dispatch_batch
+
+    c = dispatcher.campaign(limited, [{"to": f"+1415555{i:04d}", "n": str(i)} for i in range(8)], "slot held {n}")
+    with runtime.session() as db:  # all eight handed to a worker at once: at 5/s their slots reach 1.4 s ahead
+        ids = cq.release(db, [r.id for r in cq.due_pending(db, c.id, utcnow(), 8)], utcnow())
+    assert dispatch_batch(ids, enqueue=Enqueued(), wait=False).claimed == 8
+    dispatcher.pause_campaign(c.id)
+    paused_at = time.time()
+    transport.process_loop().drain(timeout=10)
+
+    arrived = [r.received_at for r in sandbox.requests("emsgnow") if (r.json or {}).get("message", "").startswith("slot held")]
+    assert [t for t in arrived if t > paused_at + 0.1] == []  # nothing started after the pause
+    assert len(arrived) <= 2
+    feed_round(runtime.settings(), utcnow(), Enqueued())  # the paused campaign's round
+    assert statuses(c.id) == Counter(accepted=len(arrived), pending=8 - len(arrived))  # the rest wait, unsent
 
 
 def test_the_window_is_read_in_each_recipients_time_and_opens_at_the_limits_pace(limited):

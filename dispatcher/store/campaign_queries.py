@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .queries import insert_once
+from .queries import insert_once, running_campaigns
 
 from .models import (
     PENDING,
@@ -158,7 +158,7 @@ def release(session: Session, ids: Sequence[str], now: datetime) -> list[str]:
         return []
     stmt = (
         update(M)
-        .where(M.c.id.in_(list(ids)), M.c.status == PENDING, M.c.campaign_id.in_(running_ids()))
+        .where(M.c.id.in_(list(ids)), M.c.status == PENDING, M.c.campaign_id.in_(running_campaigns()))
         .values(status=QUEUED, due_at=now, enqueued_at=now, updated_at=now)
         .returning(M.c.id)
     )
@@ -183,7 +183,3 @@ def queued_backlog(session: Session, accounts: Sequence[str], before: datetime) 
     )
     return {account: n for account, n in session.execute(stmt)}
 
-
-def running_ids() -> Any:
-    """A subquery of the ids of running campaigns (the claim's guard, queries.claim)."""
-    return select(C.c.id).where(C.c.state == "running")

@@ -103,6 +103,11 @@ def waiting(session: Session, ids: Sequence[str]) -> list[Any]:
     return list(session.execute(stmt))
 
 
+def running_campaigns() -> Any:
+    """The ids of running campaigns, as a subquery: only their messages may be claimed or started."""
+    return select(Campaign.id).where(Campaign.state == "running")
+
+
 def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worker: str) -> list[Any]:
     """Compare-and-set `queued -> sending` for the ids that are due and not past their not_after;
     returns the claimed rows as they are after the claim (read-only rows with Message's columns).
@@ -122,7 +127,7 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
             # a campaign's message goes only while its campaign runs: paused / cancelled take hold here
-            or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == "running"))),
+            or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())),
         )
         .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now,
                 claim_token=token, claimed_by=worker, started_at=None)
@@ -136,13 +141,18 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
     (`now` None takes a recorded start back: its request was not written after all).
 
     Compare-and-set on the claim: only the ids returned are still this claim's and may be sent.
-    A claim moved meanwhile (the reaper took its worker for dead) is not sent by this worker.
+    A claim moved meanwhile (the reaper took its worker for dead) is not sent by this worker,
+    nor is a campaign's message once its campaign is paused or cancelled (the pause holds up to
+    the very start: the caller hands such claims back).
     """
     if not ids:
         return set()
+    cond = and_(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
+    if now is not None:
+        cond = and_(cond, or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())))
     stmt = (
         update(M)
-        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
+        .where(cond)
         .values(started_at=now)
         .returning(M.c.id)
     )
