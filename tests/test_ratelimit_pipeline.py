@@ -47,8 +47,11 @@ def test_four_worker_processes_share_one_limit(dispatcher_env, broker_down, redi
     assert set(statuses.values()) == {"accepted"}
     assert len(posts) == 400  # each exactly once
     assert most_in_window(posts, 1.0) <= 20
+    # The limit is not wasted: no round of slots is lost waiting for the next (which cost a broker
+    # round trip per round before). The exact pace is bench/ratelimit_pipeline.py's to measure; on a
+    # starved 2-core CI machine the four processes' own lateness adds to it, hence the room here.
     elapsed = max(posts) - min(posts)  # the first request's window counts in full from the first request on
-    assert elapsed <= 1.05 * 400 / 20, f"took {elapsed:.2f}s for 400 at 20/s"
+    assert elapsed <= 1.2 * 400 / 20, f"took {elapsed:.2f}s for 400 at 20/s"
 
 
 def test_a_429_with_a_reset_pauses_every_worker_until_the_reset(dispatcher_env, sandbox, monkeypatch):
