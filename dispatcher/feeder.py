@@ -24,7 +24,9 @@ released twice anyway.
 
 Each round also settles campaigns: a cancelled one's stragglers end `cancelled`, a paused one's
 messages that came back to the queue (a retry) return to `pending`, a campaign past its
-not_after expires what still waits, and one with nothing left to send is `done`.
+not_after expires what still waits, and one with nothing left to send is `done`. A campaign
+still `loading` whose loader has been silent for campaigns.LOADER_TIMEOUT (its process died)
+becomes `interrupted`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class FeedReport:
     cancelled: int = 0  # stragglers of cancelled campaigns
     expired: int = 0
     done: list[str] = field(default_factory=list)  # campaigns found finished
+    interrupted: list[str] = field(default_factory=list)  # campaigns whose loader was found dead
     by_campaign: Counter = field(default_factory=Counter)  # campaign id -> messages released
     idle: bool = False  # nothing was due: no campaign can use more right now
 
@@ -75,6 +78,7 @@ class FeedReport:
         self.cancelled += other.cancelled
         self.expired += other.expired
         self.done += other.done
+        self.interrupted += other.interrupted
         self.by_campaign.update(other.by_campaign)
         self.idle = other.idle
 
@@ -93,9 +97,11 @@ def feed_campaigns(
     ensure_schema(s.database_url)
     total = FeedReport()
     with session_scope(s.database_url) as db:
-        if not cq.active(db):
-            total.idle = True
-            return total
+        nothing = not cq.active(db)
+    if nothing:
+        total.interrupted = _interrupt_stale(clock())
+        total.idle = True
+        return total
     if enqueue is None:
         from .queue import enqueue as enqueue_ids
 
@@ -116,9 +122,10 @@ def feed_campaigns(
         if left <= 0:
             break
         time.sleep(min(FEED_INTERVAL / 2, left))
-    if total.released or total.cancelled or total.expired or total.done:
-        log.info("campaign feeder: %d round(s), released %d (%s), cancelled %d, expired %d, done %s",
-                 total.rounds, total.released, dict(total.by_campaign), total.cancelled, total.expired, total.done)
+    if total.released or total.cancelled or total.expired or total.done or total.interrupted:
+        log.info("campaign feeder: %d round(s), released %d (%s), cancelled %d, expired %d, done %s, interrupted %s",
+                 total.rounds, total.released, dict(total.by_campaign), total.cancelled, total.expired, total.done,
+                 total.interrupted)
     return total
 
 
@@ -128,7 +135,7 @@ def feed_round(
     enqueue: Callable[[list[str], float], None],
 ) -> FeedReport:
     """One round: settle campaigns, then release what each account has room for, and enqueue it."""
-    report = FeedReport(rounds=1)
+    report = FeedReport(rounds=1, interrupted=_interrupt_stale(now))
     with session_scope(s.database_url) as db:
         campaigns = cq.active(db)
     running = [c for c in campaigns if _settle(s, c, now, report)]
@@ -173,6 +180,17 @@ def feed_round(
 
 
 # --------------------------------------------------------------------------- settling campaigns
+def _interrupt_stale(now: datetime) -> list[str]:
+    """Loads whose process died become `interrupted` (campaigns.interrupt_stale_loads)."""
+    from .campaigns import interrupt_stale_loads
+
+    try:
+        return interrupt_stale_loads(now)
+    except Exception:  # noqa: BLE001 - the feeding goes on; the next round tries again
+        log.exception("campaign feeder: could not look for interrupted loads")
+        return []
+
+
 def _settle(s: Settings, c: Any, now: datetime, report: FeedReport) -> bool:
     """Keep a campaign's messages in line with its state; True when it may have messages released."""
     try:
@@ -200,8 +218,9 @@ def _settle(s: Settings, c: Any, now: datetime, report: FeedReport) -> bool:
 
 
 def _finish_if_done(s: Settings, c: Any, now: datetime, report: FeedReport) -> None:
-    """A loaded campaign with nothing waiting or being sent is finished (done, or cancelled for good)."""
-    if c.loaded_at is None:
+    """A loaded campaign with nothing waiting or being sent is finished (done, or cancelled for good).
+    A cancelled one need not be loaded: its loader, if any is alive, stores no further chunk."""
+    if c.loaded_at is None and c.state != CANCELLED:
         return
     with session_scope(s.database_url) as db:
         if cq.has_any(db, c.id, cq.UNSETTLED_STATUSES):

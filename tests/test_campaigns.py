@@ -351,3 +351,12 @@ def test_read_csv_refuses_a_file_without_a_usable_header():
         with pytest.raises(dispatcher.ValidationError) as refused:
             read_csv(io.BytesIO(data))
         assert message in str(refused.value)
+
+
+def test_pausing_a_paused_resuming_a_running_cancelling_a_cancelled_campaign_change_nothing(dispatcher_env):
+    c = dispatcher.campaign("alerts", [{"to": "+14155550101"}, {"to": "+14155550102"}], "hi")
+    assert dispatcher.resume_campaign(c.id).state == "running"  # (these answered only after the store's
+    assert dispatcher.pause_campaign(c.id).state == "paused"    # 30 s lock timeout, then failed, on SQLite)
+    assert dispatcher.pause_campaign(c.id).state == "paused"
+    assert dispatcher.cancel_campaign(c.id).state == "cancelled"
+    assert dispatcher.cancel_campaign(c.id).counts == {"cancelled": 2}
