@@ -133,13 +133,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if c.not_before or c.not_after:
         print(f"times     not_before {c.not_before or '-'}   not_after {c.not_after or '-'}")
     if c.state == "interrupted":
-        again = (f"`dispatcher campaign create FILE --idempotency-key {c.idempotency_key} ...` (the same file and "
-                 f"options) loads the rest" if c.idempotency_key
-                 else "it has no idempotency key, so its loading cannot be resumed")
-        print("note      its loading process stopped before the end of the file: nothing is sent until you act.")
-        print(f"{'':<10}{again};")
-        print(f"{'':<10}`dispatcher campaign resume {c.id}` sends the {c.total:,} row(s) stored; "
-              f"`dispatcher campaign cancel {c.id}` drops it")
+        print("note      its loading stopped before the end of its input; nothing is sent until you act:")
+        if c.idempotency_key:
+            print(f"{'':<10}load the same file again with --idempotency-key {c.idempotency_key} (same options) "
+                  f"to store the rest,")
+        else:
+            print(f"{'':<10}(it has no idempotency key: its loading cannot be resumed)")
+        print(f"{'':<10}`dispatcher campaign resume {c.id}` to send the {c.total:,} row(s) stored,")
+        print(f"{'':<10}or `dispatcher campaign cancel {c.id}`")
     for i, r in enumerate(c.invalid[:SHOWN_SKIPPED]):
         print(f"{'skipped' if i == 0 else '':<10}line {r.line}: {r.reason}")
     if c.invalid_count > SHOWN_SKIPPED:
@@ -177,7 +178,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _timeout() -> str:
     from .campaigns import LOADER_TIMEOUT
 
-    return _duration(LOADER_TIMEOUT.total_seconds())
+    return f"{int(LOADER_TIMEOUT.total_seconds())} s"
 
 
 

@@ -158,7 +158,8 @@ def test_the_same_load_again_stores_exactly_the_missing_rows(dispatcher_env, cap
     assert_stored_up_to(c.id, LINES[-1])
 
 
-def test_a_live_loader_keeps_its_campaign_and_a_silent_one_is_taken_over_before_the_feeder_marks_it(dispatcher_env):
+def test_a_live_loader_keeps_its_campaign_and_a_silent_one_is_taken_over_before_the_feeder_marks_it(dispatcher_env,
+                                                                                                    capsys):
     path = people_csv(dispatcher_env)
     c = killed_load(path)
 
@@ -174,6 +175,15 @@ def test_a_live_loader_keeps_its_campaign_and_a_silent_one_is_taken_over_before_
         create_campaign("alerts", read_csv(open(path, "rb")), "Hello {name}", idempotency_key=KEY,
                         clock=lambda: c.updated_at + LOADER_TIMEOUT * 2)
     assert refused.value.field == "template" and c.id in str(refused.value)
+    with runtime.session() as db:  # as if its loader had just beaten (the command reads the real clock)
+        db.execute(Campaign.__table__.update().where(Campaign.id == c.id)
+                   .values(updated_at=utcnow() + timedelta(hours=1)))
+    assert main(["campaign", "create", path, "--provider", "alerts", "--template", TEMPLATE,
+                 "--idempotency-key", KEY]) == 0
+    err = capsys.readouterr().err
+    assert "nothing new stored" in err and f"still being loaded by another process (line {c.last_line} reached)" in err
+    assert_stored_up_to(c.id, c.last_line)
+    c = by_key()
     resumed = again(LOADER_TIMEOUT + timedelta(seconds=1))  # silent past the timeout: taken as interrupted
     assert (resumed.id, resumed.created, resumed.resumed_after, resumed.state) == (c.id, False, c.last_line, "running")
     assert_stored_up_to(c.id, LINES[-1])
