@@ -355,20 +355,19 @@ def cancel_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow)
     return campaign_status(campaign_id)
 
 
-def interrupt_stale_loads(now: datetime) -> list[str]:
+def interrupt_stale_loads(db: Any, now: datetime) -> list[str]:
     """Mark `interrupted` every campaign still `loading` whose loader has not touched it for
     LOADER_TIMEOUT (its process died: killed, machine lost); the feeder's rounds call this.
     Nothing of it is sent until it is resumed or its load is run again (same idempotency key)."""
     stale_before = now - LOADER_TIMEOUT
     marked: list[str] = []
-    with session_scope(runtime.settings().database_url) as db:
-        for c in cq.stale_loads(db, stale_before):
-            if cq.interrupt(db, c.id, stale_before, now):
-                marked.append(c.id)
-                log.warning("campaign %s: its loading stopped (no sign of its loader since %s): interrupted with %d "
-                            "row(s) stored, up to line %d; the same load again with its idempotency key stores the "
-                            "rest, `dispatcher campaign resume %s` sends what is stored, or cancel it",
-                            c.id, c.updated_at.isoformat(), c.total, c.last_line, c.id)
+    for c in cq.stale_loads(db, stale_before):
+        if cq.interrupt(db, c.id, stale_before, now):
+            marked.append(c.id)
+            log.warning("campaign %s: its loading stopped (no sign of its loader since %s): interrupted with %d "
+                        "row(s) stored, up to line %d; the same load again with its idempotency key stores the "
+                        "rest, `dispatcher campaign resume %s` sends what is stored, or cancel it",
+                        c.id, c.updated_at.isoformat(), c.total, c.last_line, c.id)
     return marked
 
 

@@ -96,12 +96,13 @@ def feed_campaigns(
     s = settings or runtime.settings()
     ensure_schema(s.database_url)
     total = FeedReport()
+    from .campaigns import interrupt_stale_loads
+
     with session_scope(s.database_url) as db:
-        nothing = not cq.active(db)
-    if nothing:
-        total.interrupted = _interrupt_stale(clock())
-        total.idle = True
-        return total
+        total.interrupted = interrupt_stale_loads(db, clock())
+        if not cq.active(db):
+            total.idle = True
+            return total
     if enqueue is None:
         from .queue import enqueue as enqueue_ids
 
@@ -135,8 +136,11 @@ def feed_round(
     enqueue: Callable[[list[str], float], None],
 ) -> FeedReport:
     """One round: settle campaigns, then release what each account has room for, and enqueue it."""
-    report = FeedReport(rounds=1, interrupted=_interrupt_stale(now))
+    from .campaigns import interrupt_stale_loads
+
+    report = FeedReport(rounds=1)
     with session_scope(s.database_url) as db:
+        report.interrupted = interrupt_stale_loads(db, now)  # loads whose process died
         campaigns = cq.active(db)
     running = [c for c in campaigns if _settle(s, c, now, report)]
     if not running:
@@ -180,17 +184,6 @@ def feed_round(
 
 
 # --------------------------------------------------------------------------- settling campaigns
-def _interrupt_stale(now: datetime) -> list[str]:
-    """Loads whose process died become `interrupted` (campaigns.interrupt_stale_loads)."""
-    from .campaigns import interrupt_stale_loads
-
-    try:
-        return interrupt_stale_loads(now)
-    except Exception:  # noqa: BLE001 - the feeding goes on; the next round tries again
-        log.exception("campaign feeder: could not look for interrupted loads")
-        return []
-
-
 def _settle(s: Settings, c: Any, now: datetime, report: FeedReport) -> bool:
     """Keep a campaign's messages in line with its state; True when it may have messages released."""
     try:
