@@ -26,7 +26,8 @@ def add_parser(sub: Any, parser_class: type) -> None:
     cr.add_argument("--template", required=True, help="the text, with {column} placeholders")
     cr.add_argument("--to-column", default="to", help="the column holding the recipient (default: to)")
     cr.add_argument("--name")
-    cr.add_argument("--idempotency-key", help="the same key again returns the first campaign and sends nothing new")
+    cr.add_argument("--idempotency-key", help="the same key again returns the first campaign and sends nothing new; "
+                                              "if its loading was interrupted, it loads the rest of the file")
     cr.add_argument("--not-before", help="ISO 8601 with a time zone: start no earlier")
     cr.add_argument("--not-after", help="ISO 8601 with a time zone: what is unsent by then expires")
     cr.add_argument("--window", help="HH:MM-HH:MM in each recipient's local time (zone from the number or a tz column)")
@@ -41,7 +42,7 @@ def add_parser(sub: Any, parser_class: type) -> None:
     st.set_defaults(handler=_cmd_status)
 
     for verb, text in (("pause", "stop handing the campaign's messages to the provider"),
-                       ("resume", "go on with a paused campaign"),
+                       ("resume", "go on with a paused campaign; an interrupted one is sent as loaded"),
                        ("cancel", "the campaign's unsent messages end cancelled")):
         p = csub.add_parser(verb, help=text)
         p.add_argument("id")
@@ -81,9 +82,16 @@ def _cmd_create(args: argparse.Namespace) -> int:
         print(f"line {r.line}: skipped: {r.reason}", file=sys.stderr)
     if c.invalid_count > len(c.invalid):
         print(f"... and {c.invalid_count - len(c.invalid):,} more skipped row(s)", file=sys.stderr)
-    if not c.created:
-        print(f"idempotency key already used: campaign {c.id} was created before; nothing new stored",
+    if c.resumed_after is not None:
+        print(f"campaign {c.id}: its interrupted loading resumed after line {c.resumed_after:,}; now "
+              f"{c.total:,} row(s) stored, {c.invalid_count:,} skipped, {c.segments:,} segment(s); state {c.state}",
               file=sys.stderr)
+    elif not c.created:
+        print(f"idempotency key already used: campaign {c.id} was created before; nothing new stored", file=sys.stderr)
+        if c.state == "loading":
+            print(f"campaign {c.id} is still being loaded by another process (line {c.last_line:,} reached); "
+                  f"if that process is gone, it counts as interrupted {_timeout()} after its last sign of life, "
+                  f"and this command then loads the rest", file=sys.stderr)
     else:
         print(f"stored {c.total:,} row(s), {c.invalid_count:,} skipped, {c.segments:,} segment(s); "
               f"state {c.state}", file=sys.stderr)
@@ -115,7 +123,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"campaign  {c.id}" + (f"  {c.name!r}" if c.name else ""))
     window = f"   window {c.window} (recipient's time)" if c.window else ""
     print(f"state     {c.state}   provider {c.provider}{window}")
-    print(f"rows      {c.total:,} stored, {c.invalid_count:,} skipped   segments {c.segments:,}")
+    reached = f"   line {c.last_line:,} reached" if c.state in ("loading", "interrupted") else ""
+    print(f"rows      {c.total:,} stored, {c.invalid_count:,} skipped   segments {c.segments:,}{reached}")
     counts = "   ".join(f"{status} {n:,}" for status, n in sorted(c.counts.items(), key=lambda kv: -kv[1]))
     print(f"counts    {counts or '-'}")
     if c.rate_per_s:
@@ -123,6 +132,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"rate      {c.rate_per_s:g}/s over the last minute{eta}")
     if c.not_before or c.not_after:
         print(f"times     not_before {c.not_before or '-'}   not_after {c.not_after or '-'}")
+    if c.state == "interrupted":
+        print("note      its loading stopped before the end of its input; nothing is sent until you act:")
+        if c.idempotency_key:
+            print(f"{'':<10}load the same file again with --idempotency-key {c.idempotency_key} (same options) "
+                  f"to store the rest,")
+        else:
+            print(f"{'':<10}(it has no idempotency key: its loading cannot be resumed)")
+        print(f"{'':<10}`dispatcher campaign resume {c.id}` to send the {c.total:,} row(s) stored,")
+        print(f"{'':<10}or `dispatcher campaign cancel {c.id}`")
     for i, r in enumerate(c.invalid[:SHOWN_SKIPPED]):
         print(f"{'skipped' if i == 0 else '':<10}line {r.line}: {r.reason}")
     if c.invalid_count > SHOWN_SKIPPED:
@@ -135,8 +153,12 @@ def _cmd_control(args: argparse.Namespace) -> int:
 
     action = {"pause": campaigns.pause_campaign, "resume": campaigns.resume_campaign,
               "cancel": campaigns.cancel_campaign}[args.verb]
+    before = campaigns.campaign_status(args.id).state if args.verb == "resume" else None
     c = action(args.id)
     print(f"{c.id} {c.state}")
+    if before == "interrupted":
+        print(f"its loading had been interrupted: the {c.total:,} row(s) stored, up to line {c.last_line:,}, are "
+              f"sent; the rest of the file is not", file=sys.stderr)
     return 0
 
 
@@ -148,11 +170,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("no campaigns")
     for c in rows:
         created = c.created_at.strftime("%Y-%m-%d %H:%M") if c.created_at else "-"
-        print(f"{c.id}  {c.state:<9} {c.provider:<16} {c.total:>9,} rows  {created}  {c.name or ''}".rstrip())
+        print(f"{c.id}  {c.state:<11} {c.provider:<16} {c.total:>9,} rows  {created}  {c.name or ''}".rstrip())
     return 0
 
 
 # --------------------------------------------------------------------------- helpers
+def _timeout() -> str:
+    from .campaigns import LOADER_TIMEOUT
+
+    return f"{int(LOADER_TIMEOUT.total_seconds())} s"
+
+
+
 class _Progress:
     """A progress bar over the bytes read, on standard error when it is a terminal (else nothing)."""
 

@@ -16,16 +16,28 @@ state allow. The campaign's states:
 
     loading --(every row read)--> running --(nothing left waiting)--> done
     loading | running <--pause / resume--> paused        any but done --cancel--> cancelled
+    loading --(its loader silent for LOADER_TIMEOUT)--> interrupted --resume--> running
+    interrupted --(the same load again, same idempotency key)--> loading (goes on after the last line stored)
 
 Pause and cancel hold at once for every worker: the claim (queries.claim) and the start record
 just before each request (queries.mark_started) take a campaign's message only while its
 campaign is `running`, and the messages already in the broker go back to `pending` (pause) or
 end `cancelled` (cancel).
+
+A loader proves it is alive: each chunk's transaction touches the campaign row (`updated_at`,
+and `last_line`, the last input line stored or skipped), and a partial chunk is stored once
+LOADER_BEAT passes without one. A campaign `loading` untouched for LOADER_TIMEOUT is taken as
+interrupted (its process died) by the feeder. The same load again with the same idempotency
+key takes it over and goes on after `last_line`: chunks commit in file order, so every line up
+to it is stored. Each chunk is stored only while its loader's token is still the campaign's
+(`loader`, a compare-and-set run first in the chunk's transaction), so a loader taken for dead
+that wakes up stores nothing more, and of two re-runs racing only one takes over.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Mapping
@@ -41,6 +53,7 @@ from .store.db import ensure_schema, session_scope
 from .store.models import (
     CANCELLED,
     DONE,
+    INTERRUPTED,
     LOADING,
     PAUSED,
     PENDING,
@@ -59,6 +72,8 @@ SHOWN_INVALID = 1000  # skipped rows listed by campaign()/campaign_status(); all
 SAMPLES = 3  # rendered rows a dry run shows
 RATE_WINDOW = timedelta(seconds=60)  # the send rate is measured over this much of the recent past
 TZ_COLUMN = "tz"
+LOADER_BEAT = timedelta(seconds=5)  # a loader touches its campaign at least this often while rows come
+LOADER_TIMEOUT = timedelta(seconds=60)  # a load untouched this long is taken as interrupted (its process died)
 _COLUMNS = [c.name for c in MessageRow.__table__.columns]  # type: ignore[attr-defined]
 
 
@@ -96,6 +111,9 @@ class Campaign:
     not_after: datetime | None = None
     created_at: datetime | None = None
     created: bool = True  # False: the idempotency key was already used; this is the first campaign
+    idempotency_key: str | None = None
+    last_line: int = 0  # the last input line stored or skipped so far (where a resumed load goes on)
+    resumed_after: int | None = None  # this call resumed an interrupted load after that line
     dry_run: bool = False
     samples: tuple[Sample, ...] = ()
     rate_per_s: float | None = None  # messages accepted per second lately
@@ -109,6 +127,8 @@ class Campaign:
             "invalid_count": self.invalid_count, "segments": self.segments, "counts": dict(self.counts),
             "window": self.window, "not_before": _iso(self.not_before), "not_after": _iso(self.not_after),
             "created_at": _iso(self.created_at), "rate_per_s": self.rate_per_s, "eta_seconds": self.eta_seconds,
+            "idempotency_key": self.idempotency_key, "last_line": self.last_line,
+            **({"resumed_after": self.resumed_after} if self.resumed_after is not None else {}),
             **({"dry_run": True, "samples": [vars(s) for s in self.samples]} if self.dry_run else {}),
         }
 
@@ -121,6 +141,19 @@ class CampaignRefused(ValidationError):
         first = "; ".join(f"line {r.line}: {r.reason}" for r in invalid[:3])
         more = f" (and {invalid_count - 3} more)" if invalid_count > 3 else ""
         super().__init__("rows", f"{invalid_count} invalid row(s), so nothing was stored (strict): {first}{more}")
+
+
+class LoadingTakenOver(TooLate):
+    """This process's load went silent past LOADER_TIMEOUT and its campaign was taken over by the
+    same load run again, or resumed as loaded: it stopped storing rows."""
+
+    def __init__(self, campaign_id: str, state: str, last_line: int) -> None:
+        self.campaign_id, self.state, self.last_line = campaign_id, state, last_line
+        super().__init__(f"campaign {campaign_id}: this load was silent for more than "
+                         f"{int(LOADER_TIMEOUT.total_seconds())} s, so it was taken as interrupted, and the campaign "
+                         f"is now {state} (resumed as loaded, or its load taken over by another run); this run "
+                         f"stopped after line {last_line} and stored nothing more: see `dispatcher campaign status "
+                         f"{campaign_id}`")
 
 
 # --------------------------------------------------------------------------- the Python API
@@ -147,7 +180,9 @@ def campaign(
     recipient's zone: a `tz` key gives it, else the number's prefix does. Options are the
     kind's extras, as for send(). Raises a ValidationError naming the field for a bad
     campaign (unknown account, bad template or window, naive datetime), CampaignRefused with
-    `strict` and any bad row. The same `idempotency_key` again returns the first campaign.
+    `strict` and any bad row. The same `idempotency_key` again returns the first campaign;
+    if that one's loading was interrupted (its process died), it goes on loading the rows
+    after the last line stored (`.resumed_after`), with the same rows given again.
     """
     return create_campaign(provider, rows, template, to_field=to_field, name=name, idempotency_key=idempotency_key,
                            not_before=not_before, not_after=not_after, window=window, strict=strict,
@@ -179,21 +214,47 @@ def create_campaign(
     s = runtime.settings()
     ensure_schema(s.database_url)
     now = clock()
+    token = uuid.uuid4().hex
     row = CampaignRow(name=name, provider=provider, template=template, options=_json_options(spec.options),
                       to_field=to_field, state=LOADING, idempotency_key=idempotency_key, not_before=not_before,
                       not_after=not_after, window=str(spec.window) if spec.window else None, created_at=now,
-                      updated_at=now)
+                      updated_at=now, loader=token)
+    resumed_after = None
     with session_scope(s.database_url) as db:
         stored, created = cq.add_campaign(db, row)
-    if not created:
-        log.info("campaign %s: idempotency key already used; nothing new stored", stored.id)
-        return campaign_status(stored.id, created=False)
-    loader = _Loader(spec, stored.id, s.database_url, clock, chunk, strict)
+        campaign_id = stored.id
+        if not created:
+            resumed_after = _take_over(db, stored, row, token, now)
+    if not created and resumed_after is None:
+        log.info("campaign %s: idempotency key already used; nothing new stored", campaign_id)
+        return campaign_status(campaign_id, created=False)
+    loader = _Loader(spec, campaign_id, s.database_url, clock, chunk, strict, token, resumed_after or 0)
     loader.load(rows)
-    return campaign_status(stored.id)
+    return campaign_status(campaign_id, created=created, resumed_after=resumed_after)
 
 
-def campaign_status(campaign_id: str, *, created: bool = True, clock: Callable[[], datetime] = utcnow) -> Campaign:
+def _take_over(db: Any, c: CampaignRow, asked: CampaignRow, token: str, now: datetime) -> int | None:
+    """The same load again: take over the campaign's loading if it was interrupted (or its loader
+    is silent past LOADER_TIMEOUT); returns the last line already stored, None if not taken."""
+    if c.loaded_at is not None or c.state not in (INTERRUPTED, LOADING, PAUSED):
+        return None
+    if c.state != INTERRUPTED and c.updated_at >= now - LOADER_TIMEOUT:
+        return None  # its loader is alive
+    for label, field_name in (("provider", "provider"), ("template", "template"), ("to_column", "to_field"),
+                              ("window", "window"), ("not_before", "not_before"), ("not_after", "not_after"),
+                              ("options", "options")):
+        if getattr(c, field_name) != getattr(asked, field_name):
+            raise ValidationError(label, f"differs from the interrupted campaign {c.id} of this idempotency key: "
+                                         f"load the rest with the same settings, or use a new key")
+    last = cq.take_over(db, c.id, c.loader, token, now, now - LOADER_TIMEOUT)
+    if last is not None:
+        log.warning("campaign %s: resuming its interrupted loading after line %d (%d row(s) stored before)",
+                    c.id, last, c.total)
+    return last
+
+
+def campaign_status(campaign_id: str, *, created: bool = True, resumed_after: int | None = None,
+                    clock: Callable[[], datetime] = utcnow) -> Campaign:
     """The campaign with its counts per message status, send rate and time to finish."""
     with runtime.session() as db:
         c = cq.get_campaign(db, campaign_id)
@@ -214,7 +275,8 @@ def campaign_status(campaign_id: str, *, created: bool = True, clock: Callable[[
     return Campaign(
         id=c.id, name=c.name, provider=c.provider, state=c.state, total=c.total, invalid=tuple(invalid),
         invalid_count=c.invalid_count, segments=c.segments, counts=counts, window=c.window, not_before=c.not_before,
-        not_after=c.not_after, created_at=c.created_at, created=created, rate_per_s=rate, eta_seconds=eta,
+        not_after=c.not_after, created_at=c.created_at, created=created, idempotency_key=c.idempotency_key,
+        last_line=c.last_line, resumed_after=resumed_after, rate_per_s=rate, eta_seconds=eta,
     )
 
 
@@ -224,7 +286,8 @@ def list_campaigns(limit: int = 100) -> list[Campaign]:
         rows = cq.list_campaigns(db, limit)
     return [Campaign(id=c.id, name=c.name, provider=c.provider, state=c.state, total=c.total, invalid=(),
                      invalid_count=c.invalid_count, segments=c.segments, window=c.window, not_before=c.not_before,
-                     not_after=c.not_after, created_at=c.created_at) for c in rows]
+                     not_after=c.not_after, created_at=c.created_at, idempotency_key=c.idempotency_key,
+                     last_line=c.last_line) for c in rows]
 
 
 def pause_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
@@ -236,29 +299,43 @@ def pause_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) 
     Pausing a paused campaign changes nothing; a cancelled or done one raises TooLate.
     """
     now = clock()
-    with runtime.session() as db:
+    back = None
+    with runtime.session() as db:  # (campaign_status after it: SQLite has one writer, this transaction)
         c = _existing(db, campaign_id)
-        if c.state == PAUSED:
-            return campaign_status(campaign_id)
-        if not cq.set_campaign(db, campaign_id, [RUNNING, LOADING], {"state": PAUSED, "updated_at": now}):
-            raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be paused")
-        back = cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))
-    log.info("campaign %s paused (%d message(s) taken back from the broker)", campaign_id, back)
+        if c.state != PAUSED:
+            if not cq.set_campaign(db, campaign_id, [RUNNING, LOADING], {"state": PAUSED, "updated_at": now}):
+                raise TooLate(_interrupted_hint(c) if c.state == INTERRUPTED
+                              else f"campaign {campaign_id} is already {c.state}; it cannot be paused")
+            back = cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))
+    if back is not None:
+        log.info("campaign %s paused (%d message(s) taken back from the broker)", campaign_id, back)
     return campaign_status(campaign_id)
 
 
 def resume_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow) -> Campaign:
-    """A paused campaign goes on where it stopped (the feeder hands its messages over again)."""
+    """A paused campaign goes on where it stopped (the feeder hands its messages over again).
+
+    An interrupted one is sent as loaded: it runs with the rows stored before its loader died
+    (the rest of its input is not loaded any more)."""
     now = clock()
-    with runtime.session() as db:
+    with runtime.session() as db:  # (campaign_status after it: SQLite has one writer, this transaction)
         c = _existing(db, campaign_id)
-        if c.state in (RUNNING, LOADING):
-            return campaign_status(campaign_id)
-        state = RUNNING if c.loaded_at is not None else LOADING
-        if not cq.set_campaign(db, campaign_id, [PAUSED], {"state": state, "updated_at": now}):
-            raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be resumed")
-        cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))  # strays of the pause
-    log.info("campaign %s resumed", campaign_id)
+        was = c.state
+        if was == INTERRUPTED:
+            if not cq.set_campaign(db, campaign_id, [INTERRUPTED], {"state": RUNNING, "loaded_at": now,
+                                                                   "updated_at": now, "loader": None}):
+                raise TooLate(f"campaign {campaign_id} changed meanwhile (its load was resumed, or it was "
+                              f"cancelled): see `dispatcher campaign status {campaign_id}`")
+        elif was not in (RUNNING, LOADING):
+            state = RUNNING if c.loaded_at is not None else LOADING
+            if not cq.set_campaign(db, campaign_id, [PAUSED], {"state": state, "updated_at": now}):
+                raise TooLate(f"campaign {campaign_id} is already {c.state}; it cannot be resumed")
+            cq.move(db, campaign_id, [QUEUED], cq.back_to_pending(c.created_at, now))  # strays of the pause
+    if was == INTERRUPTED:
+        log.warning("campaign %s: interrupted while loading; resumed with the %d row(s) stored up to line %d "
+                    "(the rest of its input is not loaded)", campaign_id, c.total, c.last_line)
+    elif was == PAUSED:
+        log.info("campaign %s resumed", campaign_id)
     return campaign_status(campaign_id)
 
 
@@ -268,15 +345,32 @@ def cancel_campaign(campaign_id: str, *, clock: Callable[[], datetime] = utcnow)
     Cancelling a cancelled campaign changes nothing; a done one raises TooLate.
     """
     now = clock()
-    with runtime.session() as db:
+    with runtime.session() as db:  # (campaign_status after it: SQLite has one writer, this transaction)
         c = _existing(db, campaign_id)
-        if c.state == CANCELLED:
-            return campaign_status(campaign_id)
-        if not cq.set_campaign(db, campaign_id, [LOADING, RUNNING, PAUSED], {"state": CANCELLED, "updated_at": now}):
+        if c.state != CANCELLED and not cq.set_campaign(db, campaign_id, [LOADING, INTERRUPTED, RUNNING, PAUSED],
+                                                        {"state": CANCELLED, "updated_at": now}):
             raise TooLate(f"campaign {campaign_id} is already {c.state}; nothing is left to cancel")
+    if c.state == CANCELLED:
+        return campaign_status(campaign_id)
     cancelled = sweep_cancelled(campaign_id, now)
     log.info("campaign %s cancelled (%d message(s) will not be sent)", campaign_id, cancelled)
     return campaign_status(campaign_id)
+
+
+def interrupt_stale_loads(db: Any, now: datetime) -> list[str]:
+    """Mark `interrupted` every campaign still `loading` whose loader has not touched it for
+    LOADER_TIMEOUT (its process died: killed, machine lost); the feeder's rounds call this.
+    Nothing of it is sent until it is resumed or its load is run again (same idempotency key)."""
+    stale_before = now - LOADER_TIMEOUT
+    marked: list[str] = []
+    for c in cq.stale_loads(db, stale_before):
+        if cq.interrupt(db, c.id, stale_before, now):
+            marked.append(c.id)
+            log.warning("campaign %s: its loading stopped (no sign of its loader since %s): interrupted with %d "
+                        "row(s) stored, up to line %d; the same load again with its idempotency key stores the "
+                        "rest, `dispatcher campaign resume %s` sends what is stored, or cancel it",
+                        c.id, c.updated_at.isoformat(), c.total, c.last_line, c.id)
+    return marked
 
 
 def sweep_cancelled(campaign_id: str, now: datetime, chunk: int = 20000) -> int:
@@ -292,6 +386,14 @@ def sweep_cancelled(campaign_id: str, now: datetime, chunk: int = 20000) -> int:
         total += moved
         if moved < chunk:
             return total
+
+
+def _interrupted_hint(c: CampaignRow) -> str:
+    """What the user can do with an interrupted campaign."""
+    again = (f"load the same file again with --idempotency-key {c.idempotency_key} to store the rest"
+             if c.idempotency_key else "(it has no idempotency key, so its load cannot be resumed)")
+    return (f"campaign {c.id} was interrupted while loading ({c.total} row(s) stored, up to line {c.last_line}): "
+            f"resume it to send those, cancel it, or {again}")
 
 
 def _existing(db: Any, campaign_id: str) -> CampaignRow:
@@ -395,11 +497,13 @@ def _numbered(rows: Iterable[Any]) -> Iterable[tuple[int, Any]]:
 
 
 class _Loader:
-    """Reads rows into the store a chunk at a time (see the module docstring)."""
+    """Reads rows into the store a chunk at a time (see the module docstring); `after`: the rows
+    up to that line are stored already (a resumed load) and are read past."""
 
     def __init__(self, spec: _Spec, campaign_id: str, url: str, clock: Callable[[], datetime], chunk: int,
-                 strict: bool) -> None:
+                 strict: bool, token: str, after: int = 0) -> None:
         self.spec, self.id, self.url, self.clock, self.chunk, self.strict = spec, campaign_id, url, clock, chunk, strict
+        self.token, self.after, self.last_line = token, after, after
         self.invalid: list[InvalidRow] = []
         self.invalid_count = 0
         self.stopped = False  # cancelled while loading
@@ -408,6 +512,8 @@ class _Loader:
     def load(self, rows: Iterable[Any]) -> None:
         try:
             self._read(rows)
+        except LoadingTakenOver:
+            raise  # the campaign is another loader's now (or is sent as it is): nothing of it is deleted
         except BaseException:
             log.exception("campaign %s: loading failed; deleting what was stored of it", self.id)
             self._delete()
@@ -417,31 +523,33 @@ class _Loader:
             raise CampaignRefused(self.invalid, self.invalid_count)
         now = self.clock()
         with session_scope(self.url) as db:
-            cq.set_campaign(db, self.id, None, {"loaded_at": now, "updated_at": now})
-            cq.set_campaign(db, self.id, [LOADING], {"state": RUNNING})  # a pause or cancel meanwhile stays
+            if not cq.finish_loading(db, self.id, self.token, now):
+                raise self._taken_over(db)
         if self.stopped:
             sweep_cancelled(self.id, now)
 
     def _read(self, rows: Iterable[Any]) -> None:
         good: list[dict[str, Any]] = []
         bad: list[tuple[int, str]] = []
-        now = self.clock()
+        now = beat = self.clock()
         for line, item in _numbered(rows):
-            try:
-                values = _prepare(self.spec, item, line, now)
-            except _Invalid as exc:
-                bad.append((line, str(exc)))
-                self.invalid_count += 1
-                if len(self.invalid) < SHOWN_INVALID:
-                    self.invalid.append(InvalidRow(line, str(exc)))
-            else:
-                if not (self.strict and self.invalid_count):  # strict: nothing more is stored after a bad row
-                    good.append(self._complete(values))
-            if len(good) + len(bad) >= self.chunk:
+            if line > self.after:
+                try:
+                    values = _prepare(self.spec, item, line, now)
+                except _Invalid as exc:
+                    bad.append((line, str(exc)))
+                    self.invalid_count += 1
+                    if len(self.invalid) < SHOWN_INVALID:
+                        self.invalid.append(InvalidRow(line, str(exc)))
+                else:
+                    if not (self.strict and self.invalid_count):  # strict: nothing more is stored after a bad row
+                        good.append(self._complete(values))
+            # a full chunk, or a slow source: store what there is, which also shows the loader is alive
+            if len(good) + len(bad) >= self.chunk or self.clock() - beat >= LOADER_BEAT:
                 if not self._store(good, bad):
                     return
                 good, bad = [], []
-                now = self.clock()
+                now = beat = self.clock()
         self._store(good, bad)
 
     def _complete(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -457,19 +565,37 @@ class _Loader:
         return row
 
     def _store(self, good: list[dict[str, Any]], bad: list[tuple[int, str]]) -> bool:
-        """Store one chunk in one transaction; False once the campaign was cancelled meanwhile."""
+        """Store one chunk in one transaction, only while this loader still loads the campaign;
+        False once it was cancelled meanwhile. Raises LoadingTakenOver when another took it over."""
         from .store import queries
 
+        if self.strict and self.invalid_count:
+            good, bad = [], []  # strict: nothing more is stored after a bad row (the loader still beats)
+        last = max([v["campaign_line"] for v in good[-1:]] + [line for line, _ in bad[-1:]], default=None)
+        segments = sum(v["segments"] for v in good)
         with session_scope(self.url) as db:
-            c = cq.get_campaign(db, self.id)
-            if c is None or c.state == CANCELLED:
-                self.stopped = True
-                return False
-            if not (self.strict and self.invalid_count):
-                queries.add_messages(db, good)
-                cq.add_errors(db, self.id, bad)
-                cq.add_to_counts(db, self.id, len(good), len(bad), sum(v["segments"] for v in good), self.clock())
+            if not cq.add_chunk(db, self.id, self.token, len(good), len(bad), segments, last, self.clock()):
+                c = cq.get_campaign(db, self.id)
+                if c is None or c.state == CANCELLED:
+                    self.stopped = True
+                    return False
+                if not (c.state == INTERRUPTED and cq.reclaim(db, self.id, self.token, self.clock())):
+                    raise self._taken_over(db)
+                log.warning("campaign %s: its loader was slow, not dead: loading goes on after line %d",
+                            self.id, self.last_line)
+                cq.add_chunk(db, self.id, self.token, len(good), len(bad), segments, last, self.clock())
+            queries.add_messages(db, good)
+            cq.add_errors(db, self.id, bad)
+        self.last_line = last or self.last_line
         return True
+
+    def _taken_over(self, db: Any) -> "LoadingTakenOver":
+        c = cq.get_campaign(db, self.id)
+        state = c.state if c is not None else "deleted"
+        log.error("campaign %s: this loader was silent for more than %s and its campaign is now %s (another load "
+                  "took it over, or it was resumed as loaded): it stops after line %d", self.id, LOADER_TIMEOUT,
+                  state, self.last_line)
+        return LoadingTakenOver(self.id, state, self.last_line)
 
     def _delete(self) -> None:
         while True:

@@ -26,7 +26,9 @@ released twice anyway.
 
 Each round also settles campaigns: a cancelled one's stragglers end `cancelled`, a paused one's
 messages that came back to the queue (a retry) return to `pending`, a campaign past its
-not_after expires what still waits, and one with nothing left to send is `done`.
+not_after expires what still waits, and one with nothing left to send is `done`. A campaign
+still `loading` whose loader has been silent for campaigns.LOADER_TIMEOUT (its process died)
+becomes `interrupted`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class FeedReport:
     cancelled: int = 0  # stragglers of cancelled campaigns
     expired: int = 0
     done: list[str] = field(default_factory=list)  # campaigns found finished
+    interrupted: list[str] = field(default_factory=list)  # campaigns whose loader was found dead
     by_campaign: Counter = field(default_factory=Counter)  # campaign id -> messages released
     idle: bool = False  # nothing was due: no campaign can use more right now
 
@@ -77,6 +80,7 @@ class FeedReport:
         self.cancelled += other.cancelled
         self.expired += other.expired
         self.done += other.done
+        self.interrupted += other.interrupted
         self.by_campaign.update(other.by_campaign)
         self.idle = other.idle
 
@@ -94,7 +98,10 @@ def feed_campaigns(
     s = settings or runtime.settings()
     ensure_schema(s.database_url)
     total = FeedReport()
+    from .campaigns import interrupt_stale_loads
+
     with session_scope(s.database_url) as db:
+        total.interrupted = interrupt_stale_loads(db, clock())
         if not cq.active(db):
             total.idle = True
             return total
@@ -118,9 +125,10 @@ def feed_campaigns(
         if left <= 0:
             break
         time.sleep(min(FEED_INTERVAL / 2, left))
-    if total.released or total.cancelled or total.expired or total.done:
-        log.info("campaign feeder: %d round(s), released %d (%s), cancelled %d, expired %d, done %s",
-                 total.rounds, total.released, dict(total.by_campaign), total.cancelled, total.expired, total.done)
+    if total.released or total.cancelled or total.expired or total.done or total.interrupted:
+        log.info("campaign feeder: %d round(s), released %d (%s), cancelled %d, expired %d, done %s, interrupted %s",
+                 total.rounds, total.released, dict(total.by_campaign), total.cancelled, total.expired, total.done,
+                 total.interrupted)
     return total
 
 
@@ -130,8 +138,11 @@ def feed_round(
     enqueue: Callable[[list[str], float], None],
 ) -> FeedReport:
     """One round: settle campaigns, then release what each account has room for, and enqueue it."""
+    from .campaigns import interrupt_stale_loads
+
     report = FeedReport(rounds=1)
     with session_scope(s.database_url) as db:
+        report.interrupted = interrupt_stale_loads(db, now)  # loads whose process died
         campaigns = cq.active(db)
     running = [c for c in campaigns if _settle(s, c, now, report)]
     if not running:
@@ -202,8 +213,9 @@ def _settle(s: Settings, c: Any, now: datetime, report: FeedReport) -> bool:
 
 
 def _finish_if_done(s: Settings, c: Any, now: datetime, report: FeedReport) -> None:
-    """A loaded campaign with nothing waiting or being sent is finished (done, or cancelled for good)."""
-    if c.loaded_at is None:
+    """A loaded campaign with nothing waiting or being sent is finished (done, or cancelled for good).
+    A cancelled one need not be loaded: its loader, if any is alive, stores no further chunk."""
+    if c.loaded_at is None and c.state != CANCELLED:
         return
     with session_scope(s.database_url) as db:
         if cq.has_any(db, c.id, cq.UNSETTLED_STATUSES):

@@ -389,3 +389,12 @@ def test_a_feeder_round_stuck_past_its_lock_never_cuts_a_newer_rounds_lock_short
     assert redis_client.pttl(keys.campaign_feeder_lock()) > 1000  # and not shortened to the stuck one's rest
     newer.__exit__(None, None, None)
     assert 0 < redis_client.pttl(keys.campaign_feeder_lock()) <= 100  # kept FEED_INTERVAL after it began
+
+
+def test_pausing_a_paused_resuming_a_running_cancelling_a_cancelled_campaign_change_nothing(dispatcher_env):
+    c = dispatcher.campaign("alerts", [{"to": "+14155550101"}, {"to": "+14155550102"}], "hi")
+    assert dispatcher.resume_campaign(c.id).state == "running"  # (these answered only after the store's
+    assert dispatcher.pause_campaign(c.id).state == "paused"    # 30 s lock timeout, then failed, on SQLite)
+    assert dispatcher.pause_campaign(c.id).state == "paused"
+    assert dispatcher.cancel_campaign(c.id).state == "cancelled"
+    assert dispatcher.cancel_campaign(c.id).counts == {"cancelled": 2}

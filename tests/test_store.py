@@ -218,3 +218,40 @@ def test_claim_takes_only_what_is_due_and_not_overdue_and_returns_the_rows(store
     assert sorted(w.id for w in waiting) == sorted([due, later, overdue, held])
     assert [(m.id, m.status, m.attempts, m.claimed_at, m.to) for m in claimed] == [(due, "sending", 1, now, "+14155550000")]
     assert [_status(store_url, i) for i in (later, overdue, held)] == ["queued", "queued", "scheduled"]
+
+
+def test_the_campaign_loader_migration_finds_the_line_a_load_still_loading_reached(store_url):
+    """0007: a campaign `loading` when the store is upgraded (its loader maybe dead) gets the last
+    line its chunks committed, so that resuming it stores nothing twice; a loaded one keeps 0."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from dispatcher.store.db import alembic_config, dispose_all
+    from dispatcher.store.models import Campaign
+
+    command.downgrade(alembic_config(store_url), "0006")
+    dispose_all()
+    now = utcnow()
+    campaigns = sa.table("campaigns", *(sa.column(c) for c in (
+        "id", "provider", "template", "options", "to_field", "state", "total", "invalid_count", "segments",
+        "created_at", "updated_at", "loaded_at")), sa.column("options", sa.JSON))
+    errors = sa.table("campaign_errors", sa.column("campaign_id"), sa.column("line"), sa.column("reason"))
+    with session_scope(store_url) as db:
+        for cid, state, loaded in (("c-loading", "loading", None), ("c-errors-last", "loading", None),
+                                   ("c-loaded", "running", now)):
+            db.execute(sa.insert(campaigns).values(id=cid, provider="alerts", template="hi", options={}, to_field="to",
+                                                   state=state, total=0, invalid_count=0, segments=0, created_at=now,
+                                                   updated_at=now, loaded_at=loaded))
+    for cid, lines in (("c-loading", range(2, 12)), ("c-errors-last", range(2, 5)), ("c-loaded", range(2, 9))):
+        ids = _add(store_url, len(lines), status="pending")
+        with session_scope(store_url) as db:
+            for mid, line in zip(ids, lines):
+                db.execute(sa.update(Message.__table__).where(Message.__table__.c.id == mid)
+                           .values(campaign_id=cid, campaign_line=line))
+    with session_scope(store_url) as db:
+        db.execute(sa.insert(errors), [{"campaign_id": "c-loading", "line": 7, "reason": "bad"},
+                                       {"campaign_id": "c-errors-last", "line": 6, "reason": "bad"}])
+    upgrade(store_url)
+    with session_scope(store_url) as db:
+        got = {c.id: (c.last_line, c.loader) for c in db.execute(sa.select(Campaign)).scalars()}
+    assert got == {"c-loading": (11, None), "c-errors-last": (6, None), "c-loaded": (0, None)}

@@ -4,7 +4,9 @@ They call the Python campaign API (dispatcher.campaigns) and answer `CampaignOut
 of `dispatcher campaign status --json`. POST /v1/campaigns takes the CSV as a `text/csv` body
 (up to 64 MiB) and the options of `dispatcher campaign create` as query parameters; it answers
 once every row is loaded: 201 with the campaign, 200 for a dry run or an idempotency key
-already used, 422 for a bad campaign (or, with `strict`, any bad row: nothing stored).
+already used, 422 for a bad campaign (or, with `strict`, any bad row: nothing stored). The
+key of a campaign whose loading was interrupted (the loading process died) loads the rest of
+the CSV: 201 with `resumed_after`, the line after which it went on.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ async def post_campaign(request: web.Request) -> Reply:
             window=q.window, strict=q.strict, dry_run=q.dry_run, options=options)
 
     c = await asyncio.to_thread(create)
-    return Reply(200 if c.dry_run or not c.created else 201, CampaignOut.of(c))
+    stored = c.created or c.resumed_after is not None
+    return Reply(201 if stored and not c.dry_run else 200, CampaignOut.of(c))
 
 
 async def get_campaign(request: web.Request) -> Reply:
@@ -57,7 +60,7 @@ async def pause_campaign(request: web.Request) -> Reply:
 
 
 async def resume_campaign(request: web.Request) -> Reply:
-    """A paused campaign goes on where it stopped."""
+    """A paused campaign goes on where it stopped; an interrupted one is sent with the rows stored."""
     return await _control(request, campaigns.resume_campaign)
 
 
@@ -118,10 +121,13 @@ CAMPAIGN_ROUTES = (
                       "template variable. Rows that cannot be sent are skipped and listed with their line (the "
                       "header is line 1); with `strict=true` any bad row refuses the campaign (422, nothing "
                       "stored). Answers once the rows are loaded: 201, or 200 for `dry_run=true` or an "
-                      "idempotency key already used."),
+                      "idempotency key already used. The key of a campaign whose loading was interrupted (state "
+                      "`interrupted`, or `loading` with no sign of its loader for 60 s) loads the rest of the same "
+                      "CSV, after the last line stored: 201 with `resumed_after`."),
     Route("GET", "/v1/campaigns/{id}", get_campaign, "A campaign: state, rows, counts per status", _OWN),
     Route("POST", "/v1/campaigns/{id}/pause", pause_campaign, "Pause a campaign", {**_OWN, 409: ErrorOut}),
-    Route("POST", "/v1/campaigns/{id}/resume", resume_campaign, "Resume a paused campaign", {**_OWN, 409: ErrorOut}),
+    Route("POST", "/v1/campaigns/{id}/resume", resume_campaign,
+          "Resume a paused campaign, or send an interrupted one as loaded", {**_OWN, 409: ErrorOut}),
     Route("POST", "/v1/campaigns/{id}/cancel", cancel_campaign, "Cancel a campaign's unsent messages",
           {**_OWN, 409: ErrorOut}),
 )

@@ -157,7 +157,9 @@ class CampaignQuery(BaseModel):
     to_column: str = Field(default="to", description="the column holding the recipient")
     name: Optional[str] = None
     idempotency_key: Optional[str] = Field(
-        default=None, description="the same key again returns the first campaign (200) and stores nothing new")
+        default=None, description="the same key again returns the first campaign (200) and stores nothing new; if "
+                                  "its loading was interrupted, the same CSV again loads the rest (201, "
+                                  "`resumed_after`)")
     not_before: Optional[datetime] = Field(default=None, description="ISO 8601 with a zone: start no earlier")
     not_after: Optional[datetime] = Field(default=None, description="ISO 8601 with a zone: what is unsent then expires")
     window: Optional[str] = Field(default=None, description="HH:MM-HH:MM in each recipient's local time")
@@ -185,7 +187,10 @@ class CampaignOut(BaseModel):
     id: Optional[str] = Field(description="null for a dry run")
     name: Optional[str]
     provider: str
-    state: str = Field(description="loading | running | paused | cancelled | done")
+    state: str = Field(description="loading | interrupted | running | paused | cancelled | done; `interrupted`: "
+                                   "its loading stopped before the end of the CSV (the loading process died); "
+                                   "resume sends what was stored, the same load again (same idempotency key) "
+                                   "stores the rest")
     total: int = Field(description="valid rows stored (or that a dry run would store)")
     invalid: list[InvalidRowOut] = Field(description="skipped rows (the first 1,000)")
     invalid_count: int
@@ -197,6 +202,10 @@ class CampaignOut(BaseModel):
     created_at: Optional[datetime]
     rate_per_s: Optional[float] = Field(description="messages accepted per second lately")
     eta_seconds: Optional[float] = Field(description="time to send what still waits, at that rate")
+    idempotency_key: Optional[str] = None
+    last_line: int = Field(default=0, description="the last CSV line stored or skipped so far (the header is line 1)")
+    resumed_after: Optional[int] = Field(
+        default=None, description="this request resumed an interrupted load after this line")
     dry_run: bool = False
     samples: list[SampleOut] = Field(default_factory=list, description="rendered rows of a dry run")
 
@@ -207,5 +216,6 @@ class CampaignOut(BaseModel):
                    invalid=[InvalidRowOut(line=r.line, reason=r.reason) for r in c.invalid],
                    invalid_count=c.invalid_count, segments=c.segments, counts=dict(c.counts), window=c.window,
                    not_before=c.not_before, not_after=c.not_after, created_at=c.created_at,
-                   rate_per_s=c.rate_per_s, eta_seconds=c.eta_seconds, dry_run=c.dry_run,
+                   rate_per_s=c.rate_per_s, eta_seconds=c.eta_seconds, idempotency_key=c.idempotency_key,
+                   last_line=c.last_line, resumed_after=c.resumed_after, dry_run=c.dry_run,
                    samples=[SampleOut(line=s.line, to=s.to, text=s.text, segments=s.segments) for s in c.samples])

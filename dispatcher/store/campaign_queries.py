@@ -11,12 +11,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .queries import insert_once, running_campaigns
 
 from .models import (
+    INTERRUPTED,
+    LOADING,
+    PAUSED,
     PENDING,
     QUEUED,
     SCHEDULED,
@@ -61,14 +64,6 @@ def set_campaign(session: Session, campaign_id: str, expect: Iterable[str] | Non
     return session.execute(stmt.values(**values)).rowcount == 1
 
 
-def add_to_counts(session: Session, campaign_id: str, total: int, invalid: int, segments: int, now: datetime) -> None:
-    session.execute(
-        update(C).where(C.c.id == campaign_id).values(
-            total=C.c.total + total, invalid_count=C.c.invalid_count + invalid, segments=C.c.segments + segments,
-            updated_at=now)
-    )
-
-
 def active(session: Session) -> list[Any]:
     """Campaigns the feeder looks after: not finished, and past loading (or cancelled during it)."""
     stmt = select(C.c.id, C.c.provider, C.c.state, C.c.not_before, C.c.not_after, C.c.window, C.c.loaded_at,
@@ -76,6 +71,75 @@ def active(session: Session) -> list[Any]:
         C.c.finished_at.is_(None), C.c.state.in_(["running", "paused", "cancelled"])
     ).order_by(C.c.created_at, C.c.id)
     return list(session.execute(stmt))
+
+
+# --------------------------------------------------------------------------- its loader
+def _loading_by(campaign_id: str, loader: str) -> list[Any]:
+    """The loader's fence: the campaign is still being loaded, by this loader (a pause meanwhile keeps loading)."""
+    return [C.c.id == campaign_id, C.c.loader == loader, C.c.state.in_([LOADING, PAUSED]), C.c.loaded_at.is_(None)]
+
+
+def add_chunk(session: Session, campaign_id: str, loader: str, total: int, invalid: int, segments: int,
+              last_line: int | None, now: datetime) -> bool:
+    """Count a chunk into its campaign and beat (updated_at), only while `loader` still loads it;
+    False when it does not (cancelled, interrupted, taken over): the caller then stores nothing.
+
+    Run it first in the chunk's transaction: it takes the campaign row's lock, so a cancel or a
+    take-over waits for the chunk's commit, or the chunk sees it and is not stored."""
+    values: dict[str, Any] = {"total": C.c.total + total, "invalid_count": C.c.invalid_count + invalid,
+                              "segments": C.c.segments + segments, "updated_at": now}
+    if last_line is not None:
+        values["last_line"] = last_line
+    return session.execute(update(C).where(*_loading_by(campaign_id, loader)).values(**values)).rowcount == 1
+
+
+def reclaim(session: Session, campaign_id: str, loader: str, now: datetime) -> bool:
+    """`interrupted -> loading` for its own loader, found alive after all (slow, not dead), as
+    long as nobody resumed or took over the campaign meanwhile."""
+    stmt = update(C).where(C.c.id == campaign_id, C.c.loader == loader, C.c.state == INTERRUPTED,
+                           C.c.loaded_at.is_(None)).values(state=LOADING, updated_at=now)
+    return session.execute(stmt).rowcount == 1
+
+
+def finish_loading(session: Session, campaign_id: str, loader: str, now: datetime) -> bool:
+    """Every row was read: the campaign runs (unless paused or cancelled meanwhile); False when
+    `loader` no longer loads it."""
+    fence = [C.c.id == campaign_id, C.c.loader == loader, C.c.loaded_at.is_(None)]
+    if session.execute(update(C).where(*fence).values(loaded_at=now, updated_at=now)).rowcount != 1:
+        return False
+    session.execute(update(C).where(C.c.id == campaign_id, C.c.state.in_([LOADING, INTERRUPTED]))
+                    .values(state="running"))
+    return True
+
+
+def take_over(session: Session, campaign_id: str, seen_loader: str | None, loader: str, now: datetime,
+              stale_before: datetime) -> int | None:
+    """Make `loader` the campaign's loader if its load was interrupted, or its loader
+    (`seen_loader`, as read) has not beaten since `stale_before`; returns the last input line
+    stored, or None when the campaign was not taken (a live loader, or another take-over first)."""
+    stmt = (
+        update(C)
+        .where(C.c.id == campaign_id, C.c.loaded_at.is_(None), C.c.loader.is_not_distinct_from(seen_loader),
+               or_(C.c.state == INTERRUPTED, C.c.state.in_([LOADING, PAUSED]) & (C.c.updated_at < stale_before)))
+        .values(loader=loader, updated_at=now, state=case((C.c.state == PAUSED, PAUSED), else_=LOADING))
+        .returning(C.c.last_line)
+    )
+    row = session.execute(stmt).first()
+    return None if row is None else int(row[0])
+
+
+def stale_loads(session: Session, stale_before: datetime) -> list[Any]:
+    """Campaigns `loading` whose loader has not beaten since `stale_before`: (id, last_line, total, updated_at)."""
+    stmt = select(C.c.id, C.c.last_line, C.c.total, C.c.updated_at).where(
+        C.c.state == LOADING, C.c.loaded_at.is_(None), C.c.updated_at < stale_before)
+    return list(session.execute(stmt))
+
+
+def interrupt(session: Session, campaign_id: str, stale_before: datetime, now: datetime) -> bool:
+    """`loading -> interrupted` if its loader has still not beaten since `stale_before` (compare-and-set)."""
+    stmt = update(C).where(C.c.id == campaign_id, C.c.state == LOADING, C.c.loaded_at.is_(None),
+                           C.c.updated_at < stale_before).values(state=INTERRUPTED, updated_at=now)
+    return session.execute(stmt).rowcount == 1
 
 
 # --------------------------------------------------------------------------- skipped rows

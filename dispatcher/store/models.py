@@ -180,7 +180,8 @@ class Schedule(SQLModel, table=True):
 
 # Campaign states (interface.md "Bulk campaigns").
 LOADING, RUNNING, PAUSED, DONE = "loading", "running", "paused", "done"
-CAMPAIGN_STATES = (LOADING, RUNNING, PAUSED, CANCELLED, DONE)
+INTERRUPTED = "interrupted"  # its loading process stopped beating before every row was read
+CAMPAIGN_STATES = (LOADING, INTERRUPTED, RUNNING, PAUSED, CANCELLED, DONE)
 
 
 class Campaign(SQLModel, table=True):
@@ -209,6 +210,8 @@ class Campaign(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     loaded_at: Optional[datetime] = _dt()  # every row read
+    loader: Optional[str] = Field(default=None, max_length=32)  # the token of the process loading it (a fence)
+    last_line: int = 0  # the last input line stored or skipped (chunks commit in file order)
     finished_at: Optional[datetime] = _dt()  # nothing of it waits any more (done, or cancelled and swept)
 
 
