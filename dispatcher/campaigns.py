@@ -598,6 +598,14 @@ class _Loader:
         return LoadingTakenOver(self.id, state, self.last_line)
 
     def _delete(self) -> None:
+        """Delete what this load stored, only while the campaign is still this loader's and not
+        loaded: fenced as `cancelled` first, so nobody resumes or takes it over meanwhile."""
+        with session_scope(self.url) as db:
+            mine = cq.give_up_loading(db, self.id, self.token, self.clock())
+        if not mine:
+            log.error("campaign %s: this load failed after another took the campaign over (or it was resumed "
+                      "as loaded); nothing of it is deleted", self.id)
+            return
         while True:
             with session_scope(self.url) as db:
                 if not cq.delete_campaign(db, self.id, 20000):

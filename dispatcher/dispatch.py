@@ -596,7 +596,11 @@ async def send_all(
         adapter = runtime.adapter_for(m.provider)
         slot = send_at.get(m.id) or Slot(0.0)
         if slot.ticket is not None and bulk_slots is not None:  # a single send may have taken it
-            held = await bulk_slots.hold(m.id, m.provider, slot)
+            try:
+                held = await bulk_slots.hold(m.id, m.provider, slot)
+            except Exception:  # noqa: BLE001 - nothing was sent: handed back unstarted, never `unknown`
+                log.exception("could not hold the rate-limit slot of %s; handed back unstarted", m.id)
+                return NOT_STARTED
             if not isinstance(held, Slot):
                 return held
             slot = held

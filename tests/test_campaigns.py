@@ -398,3 +398,34 @@ def test_pausing_a_paused_resuming_a_running_cancelling_a_cancelled_campaign_cha
     assert dispatcher.pause_campaign(c.id).state == "paused"
     assert dispatcher.cancel_campaign(c.id).state == "cancelled"
     assert dispatcher.cancel_campaign(c.id).counts == {"cancelled": 2}
+
+
+def test_a_campaign_message_whose_slot_was_taken_and_cannot_reserve_again_is_handed_back_not_written_off(
+        limited, sandbox, monkeypatch, broker_down):
+    """A single send took the campaign messages' slots; reserving again then fails with a Redis
+    error that is not a connection error (OOM at maxmemory). Nothing was sent, so nothing may be
+    settled `unknown` (never re-sent): the messages must wait, unsent, for another try."""
+    import redis
+
+    from dispatcher.campaigns import cq
+    from dispatcher.dispatch import dispatch_batch
+    from dispatcher.ratelimit.strategy import RateLimiter
+
+    c = dispatcher.campaign("limited", [{"to": f"+1415555{i:04d}", "n": str(i)} for i in range(4)], "taken {n}")
+    with runtime.session() as db:
+        ids = cq.release(db, [r.id for r in cq.due_pending(db, c.id, utcnow(), 4)], utcnow())
+
+    real_reserve = RateLimiter.reserve
+
+    def reserve(self, account, rate, n, max_wait=0.0, *, bulk=False):
+        if bulk and n == 1:  # BulkSlots._again: the displaced message reserves again
+            raise redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        return real_reserve(self, account, rate, n, max_wait, bulk=bulk)
+
+    monkeypatch.setattr(RateLimiter, "reserve", reserve)
+    monkeypatch.setattr(RateLimiter, "confirm", lambda self, account, tickets: [False] * len(tickets))
+    dispatch_batch(ids, enqueue=Enqueued(), wait=True)
+
+    sent = [r for r in sandbox.requests("emsgnow") if (r.json or {}).get("message", "").startswith("taken")]
+    assert len(sent) <= 1  # only a slot too close to take (< PRIORITY_GUARD) goes without a confirm
+    assert statuses(c.id)["unknown"] == 0, statuses(c.id)  # on main: all that lost their slot end `unknown`

@@ -355,3 +355,49 @@ def test_over_http_the_same_key_resumes_an_interrupted_load_201_then_200(api, di
     r = post()
     assert r.status_code == 200 and r.json()["resumed_after"] is None
     assert_stored_up_to(c.id, LINES[-1])
+
+
+class SourceLost(Exception):
+    """The rows' source fails (a dropped DB cursor, a broken pipe, Ctrl-C in the terminal)."""
+
+
+def test_a_loader_taken_for_dead_whose_source_then_fails_deletes_nothing_of_the_taken_over_campaign(dispatcher_env):
+    took_over = []
+
+    def another_run_a_minute_later_then_the_source_fails():
+        later = utcnow() + LOADER_TIMEOUT + timedelta(seconds=1)
+        took_over.append(create_campaign("alerts", lined(rows_of(LINES)), TEMPLATE, idempotency_key=KEY, chunk=CHUNK,
+                                         clock=lambda: later))
+        raise SourceLost("cursor closed")
+
+    with pytest.raises(SourceLost):
+        create_campaign("alerts", lined(rows_of(LINES, another_run_a_minute_later_then_the_source_fails, 27)),
+                        TEMPLATE, idempotency_key=KEY, chunk=CHUNK)
+    c = dispatcher.campaign_status(took_over[0].id)  # on main: NotFound, the stale run deleted the whole campaign
+    assert (c.state, c.total) == ("running", 37)
+
+
+def test_a_loader_taken_for_dead_and_resumed_as_loaded_never_deletes_messages_already_sent(dispatcher_env):
+    sent_ids = []
+
+    def marked_interrupted_resumed_and_sent_then_the_user_hits_ctrl_c():
+        feed_round(runtime.settings(), utcnow() + LOADER_TIMEOUT + timedelta(seconds=1), Enqueued())
+        c_id = dispatcher.list_campaigns()[0].id
+        dispatcher.resume_campaign(c_id)
+        q = Enqueued()
+        feed_round(runtime.settings(), utcnow(), q)  # released to the workers...
+        send_all_queued(c_id)  # ...and accepted by the provider
+        sent_ids.extend(q)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        create_campaign("alerts", lined(rows_of(LINES, marked_interrupted_resumed_and_sent_then_the_user_hits_ctrl_c,
+                                                27)), TEMPLATE, idempotency_key=KEY, chunk=CHUNK)
+    assert sent_ids
+    gone = []
+    for mid in sent_ids:
+        try:
+            assert dispatcher.get(mid).status == "accepted"
+        except dispatcher.NotFound:
+            gone.append(mid)
+    assert not gone, f"{len(gone)} accepted message(s) deleted with their campaign by the stale loader"

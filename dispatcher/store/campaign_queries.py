@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from .queries import insert_once, running_campaigns
 
 from .models import (
+    CANCELLED,
     INTERRUPTED,
     LOADING,
     PAUSED,
@@ -77,6 +78,15 @@ def active(session: Session) -> list[Any]:
 def _loading_by(campaign_id: str, loader: str) -> list[Any]:
     """The loader's fence: the campaign is still being loaded, by this loader (a pause meanwhile keeps loading)."""
     return [C.c.id == campaign_id, C.c.loader == loader, C.c.state.in_([LOADING, PAUSED]), C.c.loaded_at.is_(None)]
+
+
+def give_up_loading(session: Session, campaign_id: str, loader: str, now: datetime) -> bool:
+    """A failed load's campaign becomes `cancelled`, only while `loader` still holds it unloaded:
+    never one another load took over or one resumed as loaded (its messages may be going out).
+    True when the caller may delete it."""
+    stmt = (update(C).where(C.c.id == campaign_id, C.c.loader == loader, C.c.loaded_at.is_(None))
+            .values(state=CANCELLED, updated_at=now))
+    return session.execute(stmt).rowcount == 1
 
 
 def add_chunk(session: Session, campaign_id: str, loader: str, total: int, invalid: int, segments: int,
