@@ -153,7 +153,14 @@ def dispatch_batch(
         job = SendJob(claim, send_at, room.handover(), s, clock, enqueue, report)
     if wait:
         return loop.run(job.run)
-    future = loop.submit(job.run)
+    try:
+        future = loop.submit(job.run)
+    except BaseException:  # the loop is shut (the worker stopping): nothing started, all go back
+        log.exception("could not start the sends of claim %s; handing back %d message(s) unstarted: %s",
+                      claim.token, len(claim.messages), ",".join(m.id for m in claim.messages))
+        job.room.close()
+        _hand_back(claim, {m.id: BUSY_WAIT for m in claim.messages}, s, enqueue)
+        raise
     future.add_done_callback(job.check)
     return report
 

@@ -235,6 +235,24 @@ def test_a_hand_back_the_store_refuses_is_retried_not_left_sending_until_the_lea
     assert any(ids[0] in r.getMessage() for r in caplog.records if "hand back" in r.getMessage())
 
 
+def test_sends_that_cannot_be_started_in_the_background_are_handed_back_with_their_room(dispatcher_env, broker_down,
+                                                                                          monkeypatch):
+    from dispatcher import transport
+
+    ids = dispatcher.send_many([{"provider": "alerts", "to": "+14155550123", "text": f"sb{i}"} for i in range(3)])
+    loop = transport.process_loop(runtime.settings().in_flight)
+    before = loop.busy("alerts")
+
+    def shut(factory):
+        raise RuntimeError("Event loop is closed")
+
+    monkeypatch.setattr(loop, "submit", shut)
+    with pytest.raises(RuntimeError):
+        dispatch_batch(ids, enqueue=Enqueued(), wait=False)
+    assert {dispatcher.get(i).status for i in ids} == {"queued"}  # not `sending` until the lease
+    assert loop.busy("alerts") == before  # and the room came back
+
+
 def test_a_store_that_refuses_the_record_for_a_while_delays_it_but_loses_nothing(dispatcher_env, sandbox, broker_down,
                                                                                  monkeypatch, caplog):
     from sqlalchemy.exc import OperationalError
