@@ -50,7 +50,7 @@ from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, Sen
 from .redact import mask
 from .retry import backoff
 from .store import queries
-from .store.db import ensure_schema, session_scope
+from .store.db import connection_scope, ensure_schema
 from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, SENDING, UNKNOWN, Message, utcnow
 
 log = logging.getLogger("dispatcher.dispatch")
@@ -108,7 +108,7 @@ def dispatch_batch(
     liveness.ensure_alive(s.database_url, s.heartbeat_seconds)  # registered before it claims anything
     report = BatchReport()
     loop = transport.process_loop(s.in_flight)
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url, autocommit=True) as db:
         waiting = queries.waiting(db, ids)
     orphans = [row.id for row in waiting if row.provider not in s.providers]
     if orphans:  # never claimed: they wait, queued, for their account to be configured again
@@ -172,7 +172,7 @@ def _claim_what_fits(waiting: Sequence, room: transport.Room, s: Settings, clock
     now = clock()
     claim = Claim(uuid.uuid4().hex, liveness.worker_id(), now, [])
     overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url, autocommit=True) as db:  # each statement a compare-and-set of its own
         if overdue:
             report.expired = queries.expire_overdue(db, overdue, now)
         claim.messages = list(queries.claim(db, chosen, now, claim.token, claim.worker))
@@ -242,11 +242,11 @@ class Starts:
         await self._unmarks.submit(message_id, STARTED)
 
     def _mark(self, ids: list[str]) -> set[str]:
-        with session_scope(self.url) as db:
+        with connection_scope(self.url, autocommit=True) as db:
             return queries.mark_started(db, ids, self.token, self.clock())
 
     def _unmark(self, ids: list[str]) -> set[str]:
-        with session_scope(self.url) as db:
+        with connection_scope(self.url, autocommit=True) as db:
             return queries.mark_started(db, ids, self.token, None)
 
 
@@ -318,9 +318,7 @@ def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Set
     sent = [(m, r) for m, r in zip(claim.messages, results) if isinstance(r, (SendResult, BaseException))]
     _learn(sent)
     settlements = [_settle_safely(m, r, claim, finished, s) for m, r in sent]
-    with session_scope(s.database_url) as db:
-        handed = _hand_back_in(db, claim.token, missed, finished)
-        _store(db, settlements)
+    handed = _store(s.database_url, claim.token, missed, finished, settlements)
     report.claimed -= len(missed)
     for st in settlements:
         report.statuses[st.message_id] = st.values["status"]
@@ -336,31 +334,38 @@ def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Set
     return report
 
 
-def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[no-untyped-def]
-    """Record a batch; if one row cannot be stored as it is, store the others and that one
-    reduced to its status, so that one bad value never drops the outcomes of the rest."""
+def _store(url: str, token: str, missed: dict[str, float], now: datetime,
+           settlements: list[queries.Settlement]) -> list[str]:
+    """Hand back the unstarted (`missed`) and record a batch in one transaction; returns the ids
+    handed back. If one row cannot be stored as it is, the transaction is run again storing the
+    others and that one reduced to its status, so that one bad value never drops the outcomes of
+    the rest (savepoints only then: each costs a round trip)."""
     from sqlalchemy.exc import OperationalError
 
     try:
-        with db.begin_nested():
+        with connection_scope(url) as db:
+            handed = _hand_back_in(db, token, missed, now)
             queries.record(db, settlements)
-        return
+        return handed
     except OperationalError:
         raise  # the store is away or locked: record_durably tries the whole batch again
     except Exception as exc:  # noqa: BLE001 - one row the store cannot take as it is
         log.warning("a batch of %d outcome(s) could not be stored as one (%s); storing them one by one",
                     len(settlements), type(exc).__name__)
-    for st in settlements:
-        try:
-            with db.begin_nested():
-                queries.record(db, [st])
-        except OperationalError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - DataError, or a driver's own (UnicodeEncodeError, OverflowError)
-            log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
-                      st.values["status"], type(exc).__name__)
-            with db.begin_nested():
-                queries.record(db, [_reduced(st)])
+    with connection_scope(url) as db:
+        handed = _hand_back_in(db, token, missed, now)
+        for st in settlements:
+            try:
+                with db.begin_nested():
+                    queries.record(db, [st])
+            except OperationalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - DataError, or a driver's own (UnicodeEncodeError, OverflowError)
+                log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
+                          st.values["status"], type(exc).__name__)
+                with db.begin_nested():
+                    queries.record(db, [_reduced(st)])
+    return handed
 
 
 def _reduced(st: queries.Settlement) -> queries.Settlement:
@@ -437,7 +442,7 @@ def _hand_back(claim: Claim, later: dict[str, float], s: Settings,
                enqueue: Callable[[list[str], float], None] | None) -> None:
     """Throttled messages are given back unstarted (no attempt counted) to wait for their turn
     without a worker slot; a long provider pause waits in the store as `scheduled`."""
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url) as db:
         handed = _hand_back_in(db, claim.token, later, claim.at)
     soon = {mid: later[mid] for mid in handed if later[mid] <= BROKER_WAIT_MAX}
     try:

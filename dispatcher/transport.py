@@ -188,6 +188,7 @@ class LoopThread:
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when an account's requests finish
         self._busy: Counter[str] = Counter()  # requests in flight per provider account
+        self._needs: dict[str, list[int]] = {}  # per account: the room each waiting task needs
         self._background: set[concurrent.futures.Future] = set()
         self.stopping = threading.Event()  # set at shutdown: sends not yet started are handed back
 
@@ -237,8 +238,14 @@ class LoopThread:
             for account, n in wanted.items():
                 with self._lock:
                     need = min(n, self.claim_cap)
-                    self._room.wait_for(lambda: self.claim_cap - self._busy[account] >= need,
-                                        max(deadline - time.monotonic(), 0.0))
+                    if self.claim_cap - self._busy[account] < need:
+                        needs = self._needs.setdefault(account, [])
+                        needs.append(need)
+                        try:
+                            self._room.wait_for(lambda: self.claim_cap - self._busy[account] >= need,
+                                                max(deadline - time.monotonic(), 0.0))
+                        finally:
+                            needs.remove(need)
                     granted = max(0, min(n, self.claim_cap - self._busy[account]))
                     self._busy[account] += granted
                 room.held[account] += granted
@@ -248,9 +255,13 @@ class LoopThread:
         return room
 
     def _give_back(self, account: str, count: int) -> None:
+        """Room comes back (often one message at a time): the waiting tasks are woken only once
+        one of them can go, not at every message (16 threads woken 200 times a batch)."""
         with self._lock:
             self._busy[account] -= count
-            self._room.notify_all()
+            needs = self._needs.get(account)
+            if needs and self.claim_cap - self._busy[account] >= min(needs):
+                self._room.notify_all()
 
     def busy(self, account: str) -> int:
         with self._lock:

@@ -1,16 +1,24 @@
 """The queries that move a message through its states, each a compare-and-set on `status`.
 
-Every function takes an open Session and does one job; the caller owns the transaction.
-Batch functions take many ids and make one round trip (or one executemany) per batch.
+Every function takes an open Session or Core Connection and does one job; the caller owns the
+transaction. Batch functions take many ids and make one round trip (or one executemany) per batch.
+
+The send path's statements (`waiting`, `claim`, `mark_started`, `record`) are built once per
+dialect and take their ids as one parameter (`= ANY(array)` on PostgreSQL, `json_each` on
+SQLite), never as an `IN (...)` expanded into hundreds of bound parameters: SQLAlchemy compiles
+each once, and psycopg parses and server-side prepares the same short SQL at every batch
+(docs/throughput.md).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,9 +30,39 @@ from .models import (
     Campaign,
     Event,
     Message,
+    UTCDateTime,
 )
 
 M = Message.__table__  # type: ignore[attr-defined]
+
+
+def _dialect(db: Any) -> str:
+    """The dialect name of a Session or a Connection."""
+    bind = getattr(db, "dialect", None)
+    return (bind if bind is not None else db.get_bind().dialect).name
+
+
+def _id_list(db: Any, ids: Sequence[str]) -> tuple[str, Any]:
+    """(dialect, the `ids` parameter of a statement built by `_among`)."""
+    dialect = _dialect(db)
+    return dialect, (list(ids) if dialect == "postgresql" else json.dumps(list(ids)))
+
+
+def _among(dialect: str) -> Any:
+    """`messages.id` is one of the `ids` parameter, as one bound value."""
+    if dialect == "postgresql":
+        return M.c.id == any_(bindparam("ids", type_=ARRAY(String)))
+    return M.c.id.in_(select(literal_column("value")).select_from(func.json_each(bindparam("ids", type_=String))))
+
+
+_statements: dict[tuple[str, str], Any] = {}
+
+
+def _statement(name: str, dialect: str, build: Callable[[str], Any]) -> Any:
+    stmt = _statements.get((name, dialect))
+    if stmt is None:
+        stmt = _statements[(name, dialect)] = build(dialect)
+    return stmt
 
 
 def add_message(session: Session, message: Message) -> Message:
@@ -95,12 +133,16 @@ def waiting(session: Session, ids: Sequence[str]) -> list[Any]:
     (id, provider, status, not_after): a read before claiming, to know how much room to take."""
     if not ids:
         return []
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    return list(session.execute(_statement("waiting", dialect, _waiting), {"ids": value}))
+
+
+def _waiting(dialect: str) -> Any:
+    return (
         select(M.c.id, M.c.provider, M.c.status, M.c.not_after)
-        .where(M.c.id.in_(list(ids)), M.c.status.in_([SCHEDULED, QUEUED]))
+        .where(_among(dialect), M.c.status.in_([SCHEDULED, QUEUED]))
         .order_by(M.c.created_at, M.c.id)
     )
-    return list(session.execute(stmt))
 
 
 def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worker: str) -> list[Any]:
@@ -114,10 +156,17 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
     """
     if not ids:
         return []
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    params = {"ids": value, "now": now, "token": token, "worker": worker}
+    return list(session.execute(_statement("claim", dialect, _claim), params))
+
+
+def _claim(dialect: str) -> Any:
+    now = bindparam("now", type_=UTCDateTime())
+    return (
         update(M)
         .where(
-            M.c.id.in_(list(ids)),
+            _among(dialect),
             M.c.status == QUEUED,
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
@@ -125,10 +174,10 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
             or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(select(Campaign.id).where(Campaign.state == "running"))),
         )
         .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now,
-                claim_token=token, claimed_by=worker, started_at=None)
+                claim_token=bindparam("token", type_=String()), claimed_by=bindparam("worker", type_=String()),
+                started_at=None)
         .returning(*M.c)
     )
-    return list(session.execute(stmt))
 
 
 def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime | None) -> set[str]:
@@ -140,13 +189,18 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
     """
     if not ids:
         return set()
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    params = {"ids": value, "token": token, "now": now}
+    return {row[0] for row in session.execute(_statement("mark_started", dialect, _mark_started), params)}
+
+
+def _mark_started(dialect: str) -> Any:
+    return (
         update(M)
-        .where(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
-        .values(started_at=now)
+        .where(_among(dialect), M.c.status == SENDING, M.c.claim_token == bindparam("token", type_=String()))
+        .values(started_at=bindparam("now", type_=UTCDateTime()))
         .returning(M.c.id)
     )
-    return {row[0] for row in session.execute(stmt)}
 
 
 def hand_back(session: Session, ids: Sequence[str], token: str | None, now: datetime,
