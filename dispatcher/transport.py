@@ -77,6 +77,7 @@ class Wire:
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))  # the cap Adapter.timeouts reads
         self._limits = httpx.Limits(max_connections=in_flight * 16)
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -106,14 +107,12 @@ class Wire:
             await flow.aclose()
 
     async def _one(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout") or self.timeout.as_dict()
         body = request.content or None
         try:
             async with self._open().request(
                 request.method, str(request.url), headers=request.headers.multi_items(), data=body,
                 allow_redirects=False, auto_decompress=False, compress=False,
-                timeout=aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
-                                              connect=timeout.get("pool"), total=_total(timeout)),
+                timeout=self._timeout(request.extensions.get("timeout")),
             ) as answer:
                 content = await answer.read()
                 status, headers, reason = answer.status, answer.raw_headers, answer.reason
@@ -127,6 +126,18 @@ class Wire:
                                   extensions=extensions)
         response.read()  # decodes a Content-Encoding as httpx would
         return response
+
+    def _timeout(self, timeout: dict | None) -> aiohttp.ClientTimeout:
+        """The request's timeouts as aiohttp's (kept per distinct value: an account has one)."""
+        timeout = timeout or self.timeout.as_dict()
+        key = (timeout.get("connect"), timeout.get("read"), timeout.get("pool"))
+        made = self._timeouts.get(key)
+        if made is None:
+            made = aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
+                                         connect=timeout.get("pool"), total=_total(timeout))
+            if len(self._timeouts) < 64:
+                self._timeouts[key] = made
+        return made
 
     async def aclose(self) -> None:
         if self._session is not None:
