@@ -426,8 +426,11 @@ class Adapter:
 
     def merged_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Account defaults with the message's own options on top."""
-        merged = {k: self.account.get(k) for k in self.defaults if self.account.get(k) not in (None, "")}
-        merged.update({k: v for k, v in options.items() if v is not None})
+        fields = self.account.fields
+        merged = {k: fields[k] for k in self.defaults if fields.get(k) not in (None, "")}
+        for k, v in options.items():
+            if v is not None:
+                merged[k] = v
         return merged
 
     def count_segments(self, text: str | None) -> int:
