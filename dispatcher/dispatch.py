@@ -686,9 +686,12 @@ def _attempt(m: Message, claim: Claim, http_status: int | None, outcome: str, co
 
 def _log_outcomes(claimed: Sequence[Message], settlements: Sequence[queries.Settlement]) -> None:
     metrics.sends_settled(claimed, settlements)
+    info = log.isEnabledFor(logging.INFO)
     for m, st in zip(claimed, settlements):
         status = st.values["status"]
         level = logging.INFO if status in (ACCEPTED, QUEUED, SCHEDULED) else logging.WARNING
+        if level == logging.INFO and not info:
+            continue  # the masked number and the record's fields are not built for nothing
         log.log(level, "message %s to %s via %s attempt %d -> %s %s", m.id, mask(m.to), m.provider,
                 m.attempts, status, st.values.get("error_code") or "", extra=about(m.id, m.provider, m.attempts))
 
