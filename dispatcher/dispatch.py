@@ -24,7 +24,8 @@ so a task delivered twice sends once, a late result never lands on a later claim
 reaper (recovery.py) can tell of a dead worker's claims which never started (sent again)
 from which may have reached the provider (asked, or `unknown`). The HTTP requests of a
 batch run concurrently on the process's event loop (transport.py); a batch's claim is one
-UPDATE ... RETURNING, its starts one UPDATE per turn of the loop, its record one executemany.
+UPDATE ... RETURNING, its starts one UPDATE per turn of the loop (up to three out at once),
+its record one executemany; the statements are Core, built once (store/queries.py).
 """
 
 from __future__ import annotations
