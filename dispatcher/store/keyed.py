@@ -70,11 +70,11 @@ def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert rows naming every column of `messages` (no key to check): one COPY on PostgreSQL,
     one executemany of the driver on SQLite, each value through its column's bind processor."""
     dialect = session.get_bind().dialect
-    columns, processors = _copy_columns(dialect)
+    columns, converters = _copy_columns(dialect)
     if dialect.name not in ("postgresql", "sqlite") or not all(c in rows[0] for c in columns):
         session.execute(insert(M), rows)
         return
-    values = (_values(row, columns, processors) for row in rows)
+    values = (_values(row, columns, converters) for row in rows)
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(c) for c in columns)
     cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -90,22 +90,22 @@ def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
         cursor.close()
 
 
-def _values(row: dict[str, Any], columns: list[str], processors: list[Any]) -> list[Any]:
+def _values(row: dict[str, Any], columns: list[str], converters: list[tuple[int, Any]]) -> list[Any]:
     """A row's values in column order, as the driver takes them. One time often fills several
     columns of a row (created_at, updated_at, due_at, enqueued_at): it is converted once."""
-    out: list[Any] = []
+    out = [row[c] for c in columns]
     seen_time: Any = None
     seen_out: Any = None
-    for column, process in zip(columns, processors):
-        value = row[column]
-        if value is None or process is None:
-            out.append(value)
-        elif process.__class__ is _TimeProcessor:
+    for i, process in converters:
+        value = out[i]
+        if value is None:
+            continue
+        if process.__class__ is _TimeProcessor:
             if value is not seen_time:
                 seen_time, seen_out = value, process(value)
-            out.append(seen_out)
+            out[i] = seen_out
         else:
-            out.append(process(value))
+            out[i] = process(value)
     return out
 
 
@@ -119,19 +119,18 @@ class _TimeProcessor:
         return self.process(value)
 
 
-_processors: dict[str, tuple[list[str], list[Callable[[Any], Any] | None]]] = {}
+_converters: dict[str, tuple[list[str], list[tuple[int, Any]]]] = {}
 
 
-def _copy_columns(dialect: Dialect) -> tuple[list[str], list[Callable[[Any], Any] | None]]:
-    """The table's columns and each one's bind processor under `dialect` (None: taken as it is)."""
-    made = _processors.get(dialect.name)
+def _copy_columns(dialect: Dialect) -> tuple[list[str], list[tuple[int, Any]]]:
+    """The table's columns, and (position, bind processor under `dialect`) of those that have one."""
+    made = _converters.get(dialect.name)
     if made is None:
         columns = [c.key for c in M.columns]
-        processors: list[Callable[[Any], Any] | None] = []
-        for c in columns:
+        converters: list[tuple[int, Any]] = []
+        for i, c in enumerate(columns):
             process = M.c[c].type._cached_bind_processor(dialect)
-            if process is not None and isinstance(M.c[c].type, UTCDateTime):
-                process = _TimeProcessor(process)
-            processors.append(process)
-        made = _processors[dialect.name] = (columns, processors)
+            if process is not None:
+                converters.append((i, _TimeProcessor(process) if isinstance(M.c[c].type, UTCDateTime) else process))
+        made = _converters[dialect.name] = (columns, converters)
     return made
