@@ -40,7 +40,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import liveness, metrics, runtime, transport
 from .config import Settings
@@ -51,7 +51,8 @@ from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, Sen
 from .redact import mask
 from .retry import backoff
 from .store import queries
-from .store.db import connection_scope, ensure_schema
+from .store import loopstarts
+from .store.db import connection_scope, ensure_schema, is_sqlite
 from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, SENDING, UNKNOWN, Message, utcnow
 
 log = logging.getLogger("dispatcher.dispatch")
@@ -232,8 +233,10 @@ class Starts:
 
     def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
         self.url, self.token, self.clock = url, token, clock
-        self._marks = _Coalesced(self._mark)
-        self._unmarks = _Coalesced(self._unmark)
+        if is_sqlite(url):  # through a thread: SQLite's writes queue on its lock
+            self._marks, self._unmarks = _Coalesced(self._mark), _Coalesced(self._unmark)
+        else:  # from the loop itself (store/loopstarts.py)
+            self._marks, self._unmarks = _Coalesced(self._mark_here), _Coalesced(self._unmark_here)
 
     async def start(self, message_id: str) -> object:
         """STARTED, NOT_OURS (the claim moved on) or NOT_STARTED (the store was unreachable)."""
@@ -250,9 +253,22 @@ class Starts:
         with connection_scope(self.url, autocommit=True) as db:
             return queries.mark_started(db, ids, self.token, None)
 
+    async def _mark_here(self, ids: list[str]) -> set[str]:
+        return await self._writer().mark_started(ids, self.token, self.clock())
+
+    async def _unmark_here(self, ids: list[str]) -> set[str]:
+        return await self._writer().mark_started(ids, self.token, None)
+
+    def _writer(self) -> loopstarts.LoopStarts:
+        writer, new = loopstarts.for_loop(self.url)
+        if new:
+            transport.process_loop().at_close(loopstarts.close_for_loop)
+        return writer
+
 
 class _Coalesced:
-    """Runs `write(ids) -> ids done` in a thread for every id submitted in one turn of the loop.
+    """Runs `write(ids) -> ids done` (in a thread, or awaited if it is a coroutine function) for
+    every id submitted in one turn of the loop.
 
     Up to WRITES_AT_ONCE writes run at a time: an id submitted while a write is out goes in the
     next turn's write instead of waiting for that one to come back (which doubled the time a
@@ -260,8 +276,9 @@ class _Coalesced:
 
     WRITES_AT_ONCE = 3
 
-    def __init__(self, write: Callable[[list[str]], set[str]]) -> None:
+    def __init__(self, write: Callable[[list[str]], Any]) -> None:
         self.write = write
+        self.on_loop = asyncio.iscoroutinefunction(write)
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.scheduled = False  # a flush is due at the next turn of the loop
         self.writing = 0  # flushes under way
@@ -283,7 +300,7 @@ class _Coalesced:
                 batch, self.pending = self.pending, []
                 ids = [mid for mid, _ in batch]
                 try:
-                    ours = await asyncio.to_thread(self.write, ids)
+                    ours = await (self.write(ids) if self.on_loop else asyncio.to_thread(self.write, ids))
                 except Exception as exc:  # noqa: BLE001 - an unreachable store: the callers send nothing
                     log.warning("could not record the start of %d message(s) (%s: %s): %s", len(ids),
                                 type(exc).__name__, exc, ",".join(ids))

@@ -202,6 +202,7 @@ class LoopThread:
         self._needs: dict[str, list[int]] = {}  # per account: the room each waiting task needs
         self._background: set[concurrent.futures.Future] = set()
         self.stopping = threading.Event()  # set at shutdown: sends not yet started are handed back
+        self._closers: list[Callable[[], Coroutine[Any, Any, Any]]] = []  # run on the loop at close()
 
     def run(self, factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
         """Run the coroutine `factory()` on the loop and wait for its result."""
@@ -233,6 +234,10 @@ class LoopThread:
             self._background.add(future)
         future.add_done_callback(self._forget)
         return future
+
+    def at_close(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run `factory()` on the loop when it closes (what other modules opened on it)."""
+        self._closers.append(factory)
 
     def _forget(self, future: concurrent.futures.Future) -> None:
         with self._lock:
@@ -292,6 +297,11 @@ class LoopThread:
                 await self._client.aclose()
             if self._wire is not None:
                 await self._wire.aclose()
+            for closer in self._closers:
+                try:
+                    await closer()
+                except Exception:  # noqa: BLE001 - closing on the way out; nothing to save
+                    pass
 
         self.stopping.set()
         self.drain(drain_timeout)
