@@ -36,6 +36,7 @@ import aiohttp  # noqa: E402
 
 REDIS_URL = os.environ.get("DISPATCHER_REDIS_URL", "redis://localhost:6379/0")
 PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")  # set: py-spy records each worker (collapsed stacks) there
+PROFILE_ARGS = os.environ.get("BENCH_PROFILE_ARGS", "").split()  # more py-spy options, e.g. --gil (CPU only)
 PG_URL = os.environ.get("DISPATCHER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH = int(os.environ.get("BENCH_BATCH", "200"))  # ids per dispatch task
 BODY = {"to": "+14155550123", "from": "BENCH", "message": "hello"}
@@ -153,7 +154,7 @@ def pipeline(provider, store_url: str, count: int, workers: int, in_flight: int 
         meter = CpuMeter({"worker": [p.pid for p in procs.procs], "mock": [provider.proc.pid]}, SHARED).start()
         spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "100", "-f", "raw",
                                    "-o", os.path.join(PROFILE_DIR, f"worker{i}-{os.path.basename(store_url)[:20]}.txt"),
-                                   "-p", str(p.pid), "--threads", "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   "-p", str(p.pid), "--threads", "--nonblocking", *PROFILE_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for i, p in enumerate(procs.procs)] if PROFILE_DIR else []
         wall_start = datetime.now(timezone.utc)
         start = time.perf_counter()

@@ -12,7 +12,8 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Mapping
+from collections.abc import Mapping  # isinstance against typing.Mapping costs 3 µs a call (send_many)
+from typing import Any, Iterable
 
 from . import runtime, storable
 from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError

@@ -24,7 +24,8 @@ so a task delivered twice sends once, a late result never lands on a later claim
 reaper (recovery.py) can tell of a dead worker's claims which never started (sent again)
 from which may have reached the provider (asked, or `unknown`). The HTTP requests of a
 batch run concurrently on the process's event loop (transport.py); a batch's claim is one
-UPDATE ... RETURNING, its starts one UPDATE per turn of the loop, its record one executemany.
+UPDATE ... RETURNING, its starts one UPDATE per turn of the loop (up to three out at once),
+its record one executemany; the statements are Core, built once (store/queries.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import liveness, metrics, runtime, transport
 from .config import Settings
@@ -51,7 +52,8 @@ from .providers.base import Accepted, OutboundMessage, Rejected, RetryLater, Sen
 from .redact import mask
 from .retry import backoff
 from .store import queries
-from .store.db import ensure_schema, session_scope
+from .store import loopstarts
+from .store.db import connection_scope, ensure_schema, is_sqlite
 from .store.models import ACCEPTED, EXPIRED, FAILED, QUEUED, REJECTED, SCHEDULED, SENDING, UNKNOWN, Message, utcnow
 
 log = logging.getLogger("dispatcher.dispatch")
@@ -119,7 +121,7 @@ def dispatch_batch(
     liveness.ensure_alive(s.database_url, s.heartbeat_seconds)  # registered before it claims anything
     report = BatchReport()
     loop = transport.process_loop(s.in_flight)
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url, autocommit=True) as db:
         waiting = queries.waiting(db, ids)
     orphans = [row.id for row in waiting if row.provider not in s.providers]
     if orphans:  # never claimed: they wait, queued, for their account to be configured again
@@ -190,7 +192,7 @@ def _claim_what_fits(waiting: Sequence, room: transport.Room, s: Settings, clock
     now = clock()
     claim = Claim(uuid.uuid4().hex, liveness.worker_id(), now, [])
     overdue = [row.id for row in waiting if row.not_after is not None and row.not_after < now]
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url, autocommit=True) as db:  # each statement a compare-and-set of its own
         if overdue:
             report.expired = queries.expire_overdue(db, overdue, now)
         claim.messages = list(queries.claim(db, chosen, now, claim.token, claim.worker))
@@ -250,8 +252,10 @@ class Starts:
 
     def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
         self.url, self.token, self.clock = url, token, clock
-        self._marks = _Coalesced(self._mark)
-        self._unmarks = _Coalesced(self._unmark)
+        if is_sqlite(url):  # through a thread: SQLite's writes queue on its lock
+            self._marks, self._unmarks = _Coalesced(self._mark), _Coalesced(self._unmark)
+        else:  # from the loop itself (store/loopstarts.py)
+            self._marks, self._unmarks = _Coalesced(self._mark_here), _Coalesced(self._unmark_here)
 
     async def start(self, message_id: str) -> object:
         """STARTED, NOT_OURS (the claim moved on, or its campaign stopped and it was handed back)
@@ -263,19 +267,41 @@ class Starts:
 
     def _mark(self, ids: list[str]) -> set[str]:
         now = self.clock()
-        with session_scope(self.url) as db:
+        with connection_scope(self.url, autocommit=True) as db:
             ours = queries.mark_started(db, ids, self.token, now)
-            if len(ours) < len(ids):  # a campaign paused or cancelled since the claim: its messages go back
-                held = queries.hand_back(db, [i for i in ids if i not in ours], self.token, now, now,
-                                         unstarted_only=True)
-                if held:
-                    log.info("%d claimed message(s) of a paused or cancelled campaign handed back before "
-                             "their start: %s", len(held), ",".join(held))
+        if len(ours) < len(ids):
+            self._hand_back_stopped([i for i in ids if i not in ours], now)
         return ours
 
     def _unmark(self, ids: list[str]) -> set[str]:
-        with session_scope(self.url) as db:
+        with connection_scope(self.url, autocommit=True) as db:
             return queries.mark_started(db, ids, self.token, None)
+
+    async def _mark_here(self, ids: list[str]) -> set[str]:
+        now = self.clock()
+        ours = await self._writer().mark_started(ids, self.token, now)
+        if len(ours) < len(ids):
+            await asyncio.to_thread(self._hand_back_stopped, [i for i in ids if i not in ours], now)
+        return ours
+
+    def _hand_back_stopped(self, ids: list[str], now: datetime) -> None:
+        """Claims whose start was refused though still this claim's: their campaign was paused or
+        cancelled since the claim. They go back unstarted (if this fails, the whole write fails:
+        none of its ids is sent, and the record hands them all back)."""
+        with session_scope(self.url) as db:
+            held = queries.hand_back(db, ids, self.token, now, now, unstarted_only=True)
+        if held:
+            log.info("%d claimed message(s) of a paused or cancelled campaign handed back before their start: %s",
+                     len(held), ",".join(held))
+
+    async def _unmark_here(self, ids: list[str]) -> set[str]:
+        return await self._writer().mark_started(ids, self.token, None)
+
+    def _writer(self) -> loopstarts.LoopStarts:
+        writer, new = loopstarts.for_loop(self.url)
+        if new:
+            transport.process_loop().at_close(loopstarts.close_for_loop)
+        return writer
 
 
 class BulkSlots:
@@ -339,29 +365,40 @@ def _slot(reserved_at: float, delay: float, slack: float | None, ticket: str | N
 
 
 class _Coalesced:
-    """Runs `write(ids) -> ids done` in a thread for every id submitted in one turn of the loop."""
+    """Runs `write(ids) -> ids done` (in a thread, or awaited if it is a coroutine function) for
+    every id submitted in one turn of the loop.
 
-    def __init__(self, write: Callable[[list[str]], set[str]], what: str = "record the start of") -> None:
+    Up to WRITES_AT_ONCE writes run at a time: an id submitted while a write is out goes in the
+    next turn's write instead of waiting for that one to come back (which doubled the time a
+    request slot was held before its request went, docs/throughput.md)."""
+
+    WRITES_AT_ONCE = 3
+
+    def __init__(self, write: Callable[[list[str]], Any], what: str = "record the start of") -> None:
         self.write, self.what = write, what
+        self.on_loop = asyncio.iscoroutinefunction(write)
         self.pending: list[tuple[str, asyncio.Future]] = []
-        self.flushing = False
+        self.scheduled = False  # a flush is due at the next turn of the loop
+        self.writing = 0  # flushes under way
 
     async def submit(self, message_id: str, done: object) -> object:
         """`done` if the write covered the id, NOT_OURS if it did not, NOT_STARTED if it failed."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((message_id, future))
-        if not self.flushing:
-            self.flushing = True
+        if not self.scheduled and self.writing < self.WRITES_AT_ONCE:
+            self.scheduled = True
             asyncio.ensure_future(self._flush(done))
         return await future
 
     async def _flush(self, done: object) -> None:
+        self.scheduled = False
+        self.writing += 1
         try:
             while self.pending:
                 batch, self.pending = self.pending, []
                 ids = [mid for mid, _ in batch]
                 try:
-                    ours = await asyncio.to_thread(self.write, ids)
+                    ours = await (self.write(ids) if self.on_loop else asyncio.to_thread(self.write, ids))
                 except Exception as exc:  # noqa: BLE001 - an unreachable store: the callers send nothing
                     log.warning("could not %s %d message(s) (%s: %s): %s", self.what, len(ids),
                                 type(exc).__name__, exc, ",".join(ids))
@@ -371,7 +408,7 @@ class _Coalesced:
                 for mid, f in batch:
                     f.set_result(done if mid in ours else NOT_OURS)
         finally:
-            self.flushing = False
+            self.writing -= 1
 
 
 async def record_durably(s: Settings, step: Callable[[], object], ids: Sequence[str]) -> None:
@@ -406,9 +443,7 @@ def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Set
     sent = [(m, r) for m, r in zip(claim.messages, results) if isinstance(r, (SendResult, BaseException))]
     _learn(sent)
     settlements = [_settle_safely(m, r, claim, finished, s) for m, r in sent]
-    with session_scope(s.database_url) as db:
-        handed = _hand_back_in(db, claim.token, missed, finished)
-        _store(db, settlements)
+    handed = _store(s.database_url, claim.token, missed, finished, settlements)
     report.claimed -= len(missed)
     for st in settlements:
         report.statuses[st.message_id] = st.values["status"]
@@ -424,31 +459,38 @@ def _record(claim: Claim, results: Sequence[object], report: BatchReport, s: Set
     return report
 
 
-def _store(db, settlements: list[queries.Settlement]) -> None:  # type: ignore[no-untyped-def]
-    """Record a batch; if one row cannot be stored as it is, store the others and that one
-    reduced to its status, so that one bad value never drops the outcomes of the rest."""
+def _store(url: str, token: str, missed: dict[str, float], now: datetime,
+           settlements: list[queries.Settlement]) -> list[str]:
+    """Hand back the unstarted (`missed`) and record a batch in one transaction; returns the ids
+    handed back. If one row cannot be stored as it is, the transaction is run again storing the
+    others and that one reduced to its status, so that one bad value never drops the outcomes of
+    the rest (savepoints only then: each costs a round trip)."""
     from sqlalchemy.exc import OperationalError
 
     try:
-        with db.begin_nested():
+        with connection_scope(url) as db:
+            handed = _hand_back_in(db, token, missed, now)
             queries.record(db, settlements)
-        return
+        return handed
     except OperationalError:
         raise  # the store is away or locked: record_durably tries the whole batch again
     except Exception as exc:  # noqa: BLE001 - one row the store cannot take as it is
         log.warning("a batch of %d outcome(s) could not be stored as one (%s); storing them one by one",
                     len(settlements), type(exc).__name__)
-    for st in settlements:
-        try:
-            with db.begin_nested():
-                queries.record(db, [st])
-        except OperationalError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - DataError, or a driver's own (UnicodeEncodeError, OverflowError)
-            log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
-                      st.values["status"], type(exc).__name__)
-            with db.begin_nested():
-                queries.record(db, [_reduced(st)])
+    with connection_scope(url) as db:
+        handed = _hand_back_in(db, token, missed, now)
+        for st in settlements:
+            try:
+                with db.begin_nested():
+                    queries.record(db, [st])
+            except OperationalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - DataError, or a driver's own (UnicodeEncodeError, OverflowError)
+                log.error("message %s: outcome %s could not be stored (%s); storing its status alone", st.message_id,
+                          st.values["status"], type(exc).__name__)
+                with db.begin_nested():
+                    queries.record(db, [_reduced(st)])
+    return handed
 
 
 def _reduced(st: queries.Settlement) -> queries.Settlement:
@@ -528,7 +570,7 @@ def _hand_back(claim: Claim, later: dict[str, float], s: Settings,
                enqueue: Callable[[list[str], float], None] | None) -> None:
     """Throttled messages are given back unstarted (no attempt counted) to wait for their turn
     without a worker slot; a long provider pause waits in the store as `scheduled`."""
-    with session_scope(s.database_url) as db:
+    with connection_scope(s.database_url) as db:
         handed = _hand_back_in(db, claim.token, later, claim.at)
     soon = {mid: later[mid] for mid in handed if later[mid] <= BROKER_WAIT_MAX}
     try:
@@ -788,9 +830,12 @@ def _attempt(m: Message, claim: Claim, http_status: int | None, outcome: str, co
 
 def _log_outcomes(claimed: Sequence[Message], settlements: Sequence[queries.Settlement]) -> None:
     metrics.sends_settled(claimed, settlements)
+    info = log.isEnabledFor(logging.INFO)
     for m, st in zip(claimed, settlements):
         status = st.values["status"]
         level = logging.INFO if status in (ACCEPTED, QUEUED, SCHEDULED) else logging.WARNING
+        if level == logging.INFO and not info:
+            continue  # the masked number and the record's fields are not built for nothing
         log.log(level, "message %s to %s via %s attempt %d -> %s %s", m.id, mask(m.to), m.provider,
                 m.attempts, status, st.values.get("error_code") or "", extra=about(m.id, m.provider, m.attempts))
 

@@ -54,17 +54,24 @@ def sends_settled(messages: Sequence[Any], settlements: Sequence[Any]) -> None:
     shared activity counts of `dispatcher stats`."""
     try:
         tally: Tally[tuple[str, str]] = Tally()
+        sends: Tally[tuple[str, str, str]] = Tally()
+        latency_of: dict[str, Any] = {}  # account -> its histogram (one label lookup a batch, not a message)
         for m, st in zip(messages, settlements):
             outcome = _outcome(st)
             if outcome is None:
                 continue
             attempt = st.attempt or {}
             code = st.values.get("error_code") or "" if outcome != "accepted" else ""
-            SENDS.labels(m.provider, outcome, code).inc()
+            sends[(m.provider, outcome, code)] += 1
             latency = attempt.get("latency_ms") or 0.0
             if latency > 0:
-                SEND_LATENCY.labels(m.provider).observe(latency / 1000.0)
+                histogram = latency_of.get(m.provider)
+                if histogram is None:
+                    histogram = latency_of[m.provider] = SEND_LATENCY.labels(m.provider)
+                histogram.observe(latency / 1000.0)
             tally[(m.provider, outcome)] += 1
+        for labels, n in sends.items():
+            SENDS.labels(*labels).inc(n)
         with _pending_lock:
             tally.update(_pending)
             _pending.clear()

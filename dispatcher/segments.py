@@ -16,6 +16,7 @@ GSM7_BASIC = set(
 GSM7_EXTENSION = set("^{}\\[~]|€\f")
 
 _GSM7_ALL = frozenset(GSM7_BASIC | GSM7_EXTENSION)
+_GSM7_ONE = frozenset(GSM7_BASIC)  # one septet each
 
 SINGLE = {"gsm7": 160, "ucs2": 70}
 MULTI = {"gsm7": 153, "ucs2": 67}
@@ -48,8 +49,11 @@ def _units(text: str, encoding: str) -> int:
 
 def split(text: str) -> Segments:
     """Split `text` into the parts it would be sent as."""
-    encoding = "gsm7" if is_gsm7(text) else "ucs2"
-    units = _units(text, encoding)
+    if _GSM7_ONE.issuperset(text):  # the common case: no extension character, a septet a character
+        encoding, units = "gsm7", len(text)
+    else:
+        encoding = "gsm7" if is_gsm7(text) else "ucs2"
+        units = _units(text, encoding)
     if not text:
         return Segments(encoding, 0, 0, ())
     if units <= SINGLE[encoding]:

@@ -267,11 +267,19 @@ def test_pause_stops_the_claim_at_once_resume_goes_on_cancel_ends_the_rest(limit
         dispatcher.pause_campaign(c.id)
 
 
-def test_a_pause_holds_even_for_messages_already_claimed_and_waiting_for_their_slot(limited, sandbox, broker_down):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])  # starts are written from a thread, or from the loop
+def test_a_pause_holds_even_for_messages_already_claimed_and_waiting_for_their_slot(limited, sandbox, broker_down,
+                                                                                   store, request, monkeypatch):
     from dispatcher import transport
     from dispatcher.campaigns import cq
     from dispatcher.dispatch import dispatch_batch
 
+    if store == "postgresql":
+        from dispatcher.store.db import upgrade
+
+        upgrade(request.getfixturevalue("pg_url"))
+        monkeypatch.setenv("DISPATCHER_DATABASE_URL", request.getfixturevalue("pg_url"))
+        runtime.configure(None)
     c = dispatcher.campaign(limited, [{"to": f"+1415555{i:04d}", "n": str(i)} for i in range(8)], "slot held {n}")
     with runtime.session() as db:  # all eight handed to a worker at once: at 5/s their slots reach 1.4 s ahead
         ids = cq.release(db, [r.id for r in cq.due_pending(db, c.id, utcnow(), 8)], utcnow())

@@ -170,3 +170,23 @@ def test_two_producers_with_overlapping_keys_at_once(store):
     assert len(enqueued) == len(set(enqueued)) == rounds * 90
     with runtime.session() as db:
         assert db.execute(select(func.count()).select_from(Message)).scalar_one() == rounds * 90
+
+
+def test_messages_stored_in_bulk_read_back_as_given(store):
+    """send_many's bulk insert (COPY on PostgreSQL, the driver's executemany on SQLite) keeps
+    every value: text, options, the times (aware, UTC) and the status a time gives."""
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc).replace(microsecond=123456)
+    later = now + timedelta(hours=2)
+    ids = dispatcher.send_many([
+        {"provider": "alerts", "to": "+14155550123", "text": "plain ünïcode, 'quoted'\ttab\\slash"},
+        {"provider": "alerts", "to": "+14155550124", "text": "held", "not_before": later.astimezone(timezone(timedelta(hours=5))),
+         "not_after": later + timedelta(hours=1), "options": {"client_id": "c-1"}},
+    ])
+    first, held = dispatcher.get(ids[0]), dispatcher.get(ids[1])
+    assert first.text == "plain ünïcode, 'quoted'\ttab\\slash" and first.status == "queued" and first.options == {}
+    assert held.status == "scheduled" and held.options == {"client_id": "c-1"}
+    assert held.not_before == later and held.not_before.utcoffset() == timedelta(0)
+    assert held.not_after == later + timedelta(hours=1)
+    assert first.created_at.tzinfo is not None and abs(first.created_at - now) < timedelta(minutes=1)

@@ -255,3 +255,47 @@ def test_the_campaign_loader_migration_finds_the_line_a_load_still_loading_reach
     with session_scope(store_url) as db:
         got = {c.id: (c.last_line, c.loader) for c in db.execute(sa.select(Campaign)).scalars()}
     assert got == {"c-loading": (11, None), "c-errors-last": (6, None), "c-loaded": (0, None)}
+
+
+def test_a_start_written_from_the_send_loop_holds_only_for_its_own_claim(request):
+    """On PostgreSQL the worker records starts from its event loop (store/loopstarts.py): the
+    same compare-and-set as mark_started, so a claim taken over meanwhile is not started, and an
+    unreachable database raises (the send is then not made)."""
+    import asyncio
+
+    from sqlalchemy.engine import make_url
+
+    from dispatcher.store import loopstarts
+
+    url = request.getfixturevalue("pg_url")
+    upgrade(url)
+    mine, taken = _add(url, 2)
+    now = utcnow()
+    with session_scope(url) as db:
+        queries.claim(db, [mine], now, TOKEN, "worker-1")
+        queries.claim(db, [taken], now, "someone-else", "worker-2")
+
+    async def write() -> tuple[set[str], set[str]]:
+        writer = loopstarts.LoopStarts(url)
+        try:
+            started = await writer.mark_started([mine, taken], TOKEN, now)
+            with session_scope(url) as db:
+                assert queries.get_message(db, mine).started_at == now
+            taken_back = await writer.mark_started([mine], TOKEN, None)
+        finally:
+            await writer.aclose()
+        return started, taken_back
+
+    started, taken_back = asyncio.run(write())
+    assert started == {mine} and taken_back == {mine}
+    with session_scope(url) as db:
+        assert queries.get_message(db, mine).started_at is None  # taken back
+        assert queries.get_message(db, taken).started_at is None  # another claim's: untouched
+
+    unreachable = make_url(url).set(port=1).render_as_string(hide_password=False)
+
+    async def write_away() -> None:
+        await loopstarts.LoopStarts(unreachable).mark_started([mine], TOKEN, now)
+
+    with pytest.raises(Exception):
+        asyncio.run(write_away())

@@ -366,6 +366,7 @@ class HeaderAuth(httpx.Auth):
 
 
 # --------------------------------------------------------------------------- the adapter
+URLS_KEPT = 32  # parsed URLs an adapter keeps (Adapter.url)
 WEBHOOK_SECRET_KEY = "webhook_secret"  # optional account key of kinds with webhooks (see dispatcher/webhooks.py)
 
 
@@ -425,8 +426,11 @@ class Adapter:
 
     def merged_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Account defaults with the message's own options on top."""
-        merged = {k: self.account.get(k) for k in self.defaults if self.account.get(k) not in (None, "")}
-        merged.update({k: v for k, v in options.items() if v is not None})
+        fields = self.account.fields
+        merged = {k: fields[k] for k in self.defaults if fields.get(k) not in (None, "")}
+        for k, v in options.items():
+            if v is not None:
+                merged[k] = v
         return merged
 
     def count_segments(self, text: str | None) -> int:
@@ -443,10 +447,20 @@ class Adapter:
         cap = client.timeout.read if client is not None else None
         if cap is not None:
             t = min(t, cap)
-        return httpx.Timeout(t, connect=min(t, 5.0)).as_dict()
+        made = self.__dict__.setdefault("_timeouts", {})  # one per cap: built once, not per message
+        if t not in made:
+            made[t] = httpx.Timeout(t, connect=min(t, 5.0)).as_dict()
+        return dict(made[t])
 
-    def url(self, path: str) -> str:
-        return self.account.base_url + path
+    def url(self, path: str) -> httpx.URL:
+        """The account's URL of `path`; the fixed paths of sends are parsed once, not per message."""
+        urls = self.__dict__.setdefault("_urls", {})
+        url = urls.get(path)
+        if url is None:
+            url = httpx.URL(self.account.base_url + path)
+            if len(urls) < URLS_KEPT:  # paths naming a message (status polls) are many: not all kept
+                urls[path] = url
+        return url
 
     def build_request(self, msg: OutboundMessage) -> httpx.Request:
         raise NotImplementedError

@@ -3,6 +3,12 @@
 SQLite is made safe for several worker processes writing at once: WAL journal, a generous
 busy timeout, and every transaction opened with BEGIN IMMEDIATE so that two writers queue
 on the lock instead of deadlocking on an upgrade from read to write.
+
+A pooled PostgreSQL connection is pinged before use only when it has sat idle in the pool for
+PING_IDLE seconds (`pool_pre_ping` pinged at every checkout: one more round trip for every
+statement of the send path). A connection that died while in use fails its statement; SQLAlchemy
+then drops every connection the pool held at that moment, and the callers already retry a
+failed store step (docs/failures.md).
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import event, inspect
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import event, exc, inspect
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
@@ -24,6 +31,7 @@ _engines: dict[tuple[str, int], Engine] = {}
 _upgraded: set[tuple[str, int]] = set()
 _lock = threading.Lock()
 _migrating = threading.Lock()
+PING_IDLE = 5.0  # seconds a pooled PostgreSQL connection may sit unused before it is pinged at checkout
 
 
 def normalize_url(url: str) -> str:
@@ -71,7 +79,34 @@ def _make_engine(url: str) -> Engine:
     # Enough pooled connections for every worker thread plus the threads recording outcomes:
     # an overflow connection is closed when returned, and a new PostgreSQL backend per batch
     # halved throughput (bench/throughput.py).
-    return create_engine(url, pool_size=32, max_overflow=16, pool_pre_ping=True)
+    engine = create_engine(url, pool_size=32, max_overflow=16)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a connection at checkout if it has been idle for PING_IDLE s; a dead one is replaced."""
+
+    @event.listens_for(engine, "connect")
+    def _fresh(_dbapi_conn, record):  # type: ignore[no-untyped-def]
+        record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record):  # type: ignore[no-untyped-def]
+        if record is not None:
+            record.info["returned"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):  # type: ignore[no-untyped-def]
+        if time.monotonic() - record.info.get("returned", 0.0) < PING_IDLE:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as error:  # noqa: BLE001 - any failure: the pool connects again
+            raise exc.DisconnectionError() from error
+        if alive is False:
+            raise exc.DisconnectionError()
+        record.info["returned"] = time.monotonic()
 
 
 @contextmanager
@@ -86,6 +121,24 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def connection_scope(url: str, *, autocommit: bool = False) -> Iterator[Connection]:
+    """A Core connection for the send path's statements, without an ORM session.
+
+    By default one transaction, committed on success and rolled back on error. With
+    `autocommit` on PostgreSQL, each statement commits on its own: a single-statement write is
+    one round trip instead of three (BEGIN, the statement, COMMIT); use it only where every
+    statement is a whole step by itself. SQLite always runs a transaction (BEGIN IMMEDIATE).
+    """
+    engine = get_engine(url)
+    if autocommit and engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        return
+    with engine.begin() as conn:
+        yield conn
 
 
 def alembic_config(url: str):  # type: ignore[no-untyped-def]

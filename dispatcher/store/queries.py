@@ -1,16 +1,24 @@
 """The queries that move a message through its states, each a compare-and-set on `status`.
 
-Every function takes an open Session and does one job; the caller owns the transaction.
-Batch functions take many ids and make one round trip (or one executemany) per batch.
+Every function takes an open Session or Core Connection and does one job; the caller owns the
+transaction. Batch functions take many ids and make one round trip (or one executemany) per batch.
+
+The send path's statements (`waiting`, `claim`, `mark_started`, `record`) are built once per
+dialect and take their ids as one parameter (`= ANY(array)` on PostgreSQL, `json_each` on
+SQLite), never as an `IN (...)` expanded into hundreds of bound parameters: SQLAlchemy compiles
+each once, and psycopg parses and server-side prepares the same short SQL at every batch
+(docs/throughput.md).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,9 +30,39 @@ from .models import (
     Campaign,
     Event,
     Message,
+    UTCDateTime,
 )
 
 M = Message.__table__  # type: ignore[attr-defined]
+
+
+def _dialect(db: Any) -> str:
+    """The dialect name of a Session or a Connection."""
+    bind = getattr(db, "dialect", None)
+    return (bind if bind is not None else db.get_bind().dialect).name
+
+
+def _id_list(db: Any, ids: Sequence[str]) -> tuple[str, Any]:
+    """(dialect, the `ids` parameter of a statement built by `_among`)."""
+    dialect = _dialect(db)
+    return dialect, (list(ids) if dialect == "postgresql" else json.dumps(list(ids)))
+
+
+def _among(dialect: str) -> Any:
+    """`messages.id` is one of the `ids` parameter, as one bound value."""
+    if dialect == "postgresql":
+        return M.c.id == any_(bindparam("ids", type_=ARRAY(String)))
+    return M.c.id.in_(select(literal_column("value")).select_from(func.json_each(bindparam("ids", type_=String))))
+
+
+_statements: dict[tuple[str, str], Any] = {}
+
+
+def _statement(name: str, dialect: str, build: Callable[[str], Any]) -> Any:
+    stmt = _statements.get((name, dialect))
+    if stmt is None:
+        stmt = _statements[(name, dialect)] = build(dialect)
+    return stmt
 
 
 def add_message(session: Session, message: Message) -> Message:
@@ -95,12 +133,16 @@ def waiting(session: Session, ids: Sequence[str]) -> list[Any]:
     (id, provider, status, not_after): a read before claiming, to know how much room to take."""
     if not ids:
         return []
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    return list(session.execute(_statement("waiting", dialect, _waiting), {"ids": value}))
+
+
+def _waiting(dialect: str) -> Any:
+    return (
         select(M.c.id, M.c.provider, M.c.status, M.c.not_after)
-        .where(M.c.id.in_(list(ids)), M.c.status.in_([SCHEDULED, QUEUED]))
+        .where(_among(dialect), M.c.status.in_([SCHEDULED, QUEUED]))
         .order_by(M.c.created_at, M.c.id)
     )
-    return list(session.execute(stmt))
 
 
 def running_campaigns() -> Any:
@@ -119,10 +161,17 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
     """
     if not ids:
         return []
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    params = {"ids": value, "now": now, "token": token, "worker": worker}
+    return list(session.execute(_statement("claim", dialect, _claim), params))
+
+
+def _claim(dialect: str) -> Any:
+    now = bindparam("now", type_=UTCDateTime())
+    return (
         update(M)
         .where(
-            M.c.id.in_(list(ids)),
+            _among(dialect),
             M.c.status == QUEUED,
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
@@ -130,10 +179,10 @@ def claim(session: Session, ids: Sequence[str], now: datetime, token: str, worke
             or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())),
         )
         .values(status=SENDING, claimed_at=now, attempts=M.c.attempts + 1, updated_at=now,
-                claim_token=token, claimed_by=worker, started_at=None)
+                claim_token=bindparam("token", type_=String()), claimed_by=bindparam("worker", type_=String()),
+                started_at=None)
         .returning(*M.c)
     )
-    return list(session.execute(stmt))
 
 
 def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime | None) -> set[str]:
@@ -147,16 +196,31 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
     """
     if not ids:
         return set()
-    cond = and_(M.c.id.in_(list(ids)), M.c.status == SENDING, M.c.claim_token == token)
-    if now is not None:
-        cond = and_(cond, or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())))
-    stmt = (
+    dialect, value = _id_list(session, ids)
+    if now is None:
+        stmt = _statement("unmark_started", dialect, _unmark_started)
+    else:
+        stmt = _statement("mark_started", dialect, _mark_started)
+    return {row[0] for row in session.execute(stmt, {"ids": value, "token": token, "now": now})}
+
+
+def _mark_started(dialect: str) -> Any:
+    return (
         update(M)
-        .where(cond)
-        .values(started_at=now)
+        .where(_among(dialect), M.c.status == SENDING, M.c.claim_token == bindparam("token", type_=String()),
+               or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())))
+        .values(started_at=bindparam("now", type_=UTCDateTime()))
         .returning(M.c.id)
     )
-    return {row[0] for row in session.execute(stmt)}
+
+
+def _unmark_started(dialect: str) -> Any:
+    return (
+        update(M)
+        .where(_among(dialect), M.c.status == SENDING, M.c.claim_token == bindparam("token", type_=String()))
+        .values(started_at=bindparam("now", type_=UTCDateTime()))
+        .returning(M.c.id)
+    )
 
 
 def hand_back(session: Session, ids: Sequence[str], token: str | None, now: datetime,
@@ -216,22 +280,81 @@ def record(session: Session, settlements: Iterable[Settlement]) -> int:
     of one `UPDATE ... FROM (VALUES ...)` statement holding the whole batch, whose 3,000 bound
     parameters SQLAlchemy and psycopg build, compile and parse anew for every batch (9 ms
     against 50-95 ms per 200 messages, docs "Throughput"); and the workers' CPU, not the
-    database, is what runs out first on a small machine.
+    database, is what runs out first on a small machine. Both executemany go straight to the
+    driver (`_executemany`).
     """
     settlements = list(settlements)
     if not settlements:
         return 0
     params = []
     for s in settlements:
+        values = s.values
         p = {"b_id": s.message_id, "b_claim": s.claim_token}
         for c in _SETTLE_COLUMNS:
-            p[f"b_{c}"] = s.values[c]
+            p["b_" + c] = values[c]
         params.append(p)
-    changed = session.execute(_RECORD, params).rowcount
+    changed = _executemany(session, "record", _RECORD, params)
     attempts = [s.attempt for s in settlements if s.attempt is not None]
     if attempts:  # an executemany too: a multi-row INSERT ... VALUES is compiled anew per batch
-        session.execute(insert(Attempt.__table__), attempts)  # type: ignore[attr-defined]
+        _executemany(session, "attempts", _ATTEMPTS, attempts)
     return changed
+
+
+_ATTEMPTS = insert(Attempt.__table__)  # type: ignore[attr-defined]
+
+
+class _Many:
+    """A statement compiled once for a dialect and a set of parameter names, run as the driver's
+    own executemany: SQLAlchemy's per-row parameter handling cost the worker as much as the
+    driver's (docs/throughput.md). Each value still goes through its type's bind processor."""
+
+    def __init__(self, stmt: Any, dialect: Any, keys: list[str]) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=keys)
+        # a column left out of `keys` whose default SQLAlchemy computes per row: its own executemany then
+        self.direct = not (compiled.insert_prefetch or compiled.update_prefetch)
+        self.sql = compiled.string
+        self.order = list(compiled.positiontup) if compiled.positional else None
+        self.fixed: dict[str, Any] = {}
+        self.processors: dict[str, Any] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if name in keys:
+                if process is not None:
+                    self.processors[name] = process
+            else:  # a constant of the statement (`status = 'sending'`)
+                value = bind.effective_value
+                self.fixed[name] = process(value) if process is not None and value is not None else value
+
+    def rows(self, params: list[dict[str, Any]]) -> list[Any]:
+        processors, fixed, order = self.processors, self.fixed, self.order
+        out = []
+        for p in params:
+            row = dict(fixed)
+            for name, value in p.items():
+                process = processors.get(name)
+                row[name] = value if process is None or value is None else process(value)
+            out.append(row if order is None else tuple(row[n] for n in order))
+        return out
+
+
+_many: dict[tuple[str, str, tuple[str, ...]], _Many] = {}
+
+
+def _executemany(db: Any, name: str, stmt: Any, params: list[dict[str, Any]]) -> int:
+    """Run `stmt` once per dict of `params` (all with the same keys) on the driver; rows changed."""
+    conn = db.connection() if isinstance(db, Session) else db
+    keys = tuple(params[0])
+    many = _many.get((name, conn.dialect.name, keys))
+    if many is None:
+        many = _many[(name, conn.dialect.name, keys)] = _Many(stmt, conn.dialect, list(keys))
+    if not many.direct:
+        return conn.execute(stmt, params).rowcount
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        cursor.executemany(many.sql, many.rows(params))
+        return cursor.rowcount
+    finally:
+        cursor.close()
 
 
 def due_ids(session: Session, status: str, now: datetime, limit: int) -> list[str]:
