@@ -403,10 +403,12 @@ class _Coalesced:
                     log.warning("could not %s %d message(s) (%s: %s): %s", self.what, len(ids),
                                 type(exc).__name__, exc, ",".join(ids))
                     for _, f in batch:
-                        f.set_result(NOT_STARTED)
+                        if not f.done():  # (a caller cancelled meanwhile: nobody to tell)
+                            f.set_result(NOT_STARTED)
                     continue
                 for mid, f in batch:
-                    f.set_result(done if mid in ours else NOT_OURS)
+                    if not f.done():
+                        f.set_result(done if mid in ours else NOT_OURS)
         finally:
             self.writing -= 1
 

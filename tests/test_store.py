@@ -299,3 +299,73 @@ def test_a_start_written_from_the_send_loop_holds_only_for_its_own_claim(request
 
     with pytest.raises(Exception):
         asyncio.run(write_away())
+
+
+def test_a_record_held_up_by_a_lock_is_retried_whole_not_stored_reduced(pg_url, monkeypatch):
+    """A record waiting on a locked row past lock_timeout fails as the store being busy: the whole
+    outcome is stored once the lock goes, never the row reduced to its status (cost, currency and
+    provider status dropped), which is only for a value the store refuses."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from dispatcher import dispatch
+
+    url = pg_url + "%20-clock_timeout%3D300"
+    upgrade(url)
+    [mid] = _add(url, 1)
+    now = utcnow()
+    with session_scope(url) as db:
+        queries.claim(db, [mid], now, TOKEN, "w1")
+    locker = psycopg.connect(make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    locker.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", [mid])  # someone holds the row a while
+    reduced = dispatch._reduced
+
+    def lock_gone_then_reduce(st):  # type: ignore[no-untyped-def]
+        locker.rollback()
+        return reduced(st)
+
+    monkeypatch.setattr(dispatch, "_reduced", lock_gone_then_reduce)
+    values = {"status": "accepted", "attempts": 1, "due_at": None, "attempt_key": "k", "key_exposed": False,
+              "provider_ref": "ref-1", "provider_status": "sent", "segments": 1, "cost": 0.05,
+              "cost_currency": "EUR", "error_code": None, "error": None, "accepted_at": now, "finished_at": None,
+              "claimed_at": now, "claimed_by": "w1", "updated_at": now}
+    st = queries.Settlement(mid, values, None, TOKEN)
+    for _ in range(3):  # record_durably's loop
+        try:
+            dispatch._store(url, TOKEN, {}, now, [st])
+            break
+        except Exception:  # noqa: BLE001 - the store was busy: tried again
+            locker.rollback()
+    locker.close()
+    with session_scope(url) as db:
+        m = queries.get_message(db, mid)
+    assert (m.status, m.provider_ref, m.cost, m.cost_currency, m.provider_status) == ("accepted", "ref-1", 0.05, "EUR", "sent")
+
+
+def test_a_start_after_the_server_dropped_its_idle_connection_still_goes(pg_url):
+    """PostgreSQL restarted (or idle_session_timeout) dropped the send loop's idle start
+    connection: the next start is written on a new one, not refused while the database is up."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from dispatcher import dispatch, transport
+
+    app = f"starts-{uuid.uuid4().hex[:8]}"
+    url = pg_url + f"&application_name={app}"
+    upgrade(url)
+    first, second = _add(url, 2)
+    with session_scope(url) as db:
+        queries.claim(db, [first, second], utcnow(), TOKEN, "w1")
+    loop = transport.process_loop()
+    starts = dispatch.Starts(url, TOKEN, utcnow)
+
+    async def start(mid):  # type: ignore[no-untyped-def]
+        return await starts.start(mid)
+
+    assert loop.run(lambda: start(first)) is dispatch.STARTED
+    admin_url = make_url(pg_url).set(drivername="postgresql", query={}).render_as_string(hide_password=False)
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", [app])
+    assert loop.run(lambda: start(second)) is dispatch.STARTED

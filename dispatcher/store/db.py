@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import event, exc, inspect
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -121,6 +121,21 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def driver_cursor(conn: Connection, statement: str) -> Iterator[Any]:
+    """The driver's own cursor on `conn` (for COPY and executemany without SQLAlchemy's per-row
+    work), closed after use. Its errors are raised as SQLAlchemy would raise them, so callers
+    still tell the store being busy or away (OperationalError) from a value it refuses."""
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield cursor
+    except dbapi.Error as error:
+        raise exc.DBAPIError.instance(statement, None, error, dbapi.Error, dialect=conn.dialect) from error
+    finally:
+        cursor.close()
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
+from .db import driver_cursor
 from .models import Message, UTCDateTime
 
 M = Message.__table__  # type: ignore[attr-defined]
@@ -77,17 +78,15 @@ def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
     values = (_values(row, columns, converters) for row in rows)
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(c) for c in columns)
-    cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        if dialect.name == "postgresql":
-            with cursor.copy(f"COPY {quote(M.name)} ({names}) FROM STDIN") as copy:
-                for row in values:
-                    copy.write_row(row)
-        else:
-            cursor.executemany(f"INSERT INTO {quote(M.name)} ({names}) VALUES ({', '.join('?' for _ in columns)})",
-                               values)
-    finally:
-        cursor.close()
+    if dialect.name == "postgresql":
+        sql = f"COPY {quote(M.name)} ({names}) FROM STDIN"
+        with driver_cursor(session.connection(), sql) as cursor, cursor.copy(sql) as copy:
+            for row in values:
+                copy.write_row(row)
+    else:
+        sql = f"INSERT INTO {quote(M.name)} ({names}) VALUES ({', '.join('?' for _ in columns)})"
+        with driver_cursor(session.connection(), sql) as cursor:
+            cursor.executemany(sql, values)
 
 
 def _values(row: dict[str, Any], columns: list[str], converters: list[tuple[int, Any]]) -> list[Any]:

@@ -44,18 +44,27 @@ class LoopStarts:
         """The ids still held by the claim `token`, their start now recorded as `now` (None: taken back)."""
         import psycopg
 
+        many = self.unmark if now is None else self.mark
+        params = many.rows([{"ids": ids, "token": token, "now": now}])[0]
         async with self.turns:
-            conn = self.idle.pop() if self.idle else await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
-            try:
-                many = self.unmark if now is None else self.mark
-                cursor = await conn.execute(many.sql, many.rows([{"ids": ids, "token": token, "now": now}])[0])
-                done = {row[0] for row in await cursor.fetchall()}
-            except BaseException:
-                await _close(conn)
-                raise
-            self.idle.append(conn)
-            return done
+            while True:
+                reused = bool(self.idle)
+                conn = self.idle.pop() if reused else await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+                try:
+                    cursor = await conn.execute(many.sql, params)
+                    done = {row[0] for row in await cursor.fetchall()}
+                except psycopg.OperationalError:
+                    broken = conn.broken or conn.closed
+                    await _close(conn)
+                    if reused and broken:  # an idle connection the server dropped: the same compare-and-set again
+                        continue
+                    raise
+                except BaseException:
+                    await _close(conn)
+                    raise
+                self.idle.append(conn)
+                return done
 
     async def aclose(self) -> None:
         idle, self.idle = self.idle, []

@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .db import driver_cursor
 from .models import (
     QUEUED,
     SCHEDULED,
@@ -349,12 +350,9 @@ def _executemany(db: Any, name: str, stmt: Any, params: list[dict[str, Any]]) ->
         many = _many[(name, conn.dialect.name, keys)] = _Many(stmt, conn.dialect, list(keys))
     if not many.direct:
         return conn.execute(stmt, params).rowcount
-    cursor = conn.connection.driver_connection.cursor()
-    try:
+    with driver_cursor(conn, many.sql) as cursor:
         cursor.executemany(many.sql, many.rows(params))
         return cursor.rowcount
-    finally:
-        cursor.close()
 
 
 def due_ids(session: Session, status: str, now: datetime, limit: int) -> list[str]:
