@@ -369,3 +369,38 @@ def test_a_start_after_the_server_dropped_its_idle_connection_still_goes(pg_url)
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", [app])
     assert loop.run(lambda: start(second)) is dispatch.STARTED
+
+
+def test_a_start_write_left_unanswered_fails_in_bounded_time_and_starts_nothing(pg_url, monkeypatch):
+    """A start write that hangs (here: its row locked by another transaction) gives up after
+    WRITE_TIMEOUT: the message is then not sent, rather than every start of the process waiting."""
+    import asyncio
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from dispatcher.store import loopstarts
+
+    upgrade(pg_url)
+    [mid] = _add(pg_url, 1)
+    with session_scope(pg_url) as db:
+        queries.claim(db, [mid], utcnow(), TOKEN, "w1")
+    monkeypatch.setattr(loopstarts, "WRITE_TIMEOUT", 0.5)
+    locker = psycopg.connect(make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    locker.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", [mid])
+
+    async def write() -> None:
+        writer = loopstarts.LoopStarts(pg_url)
+        try:
+            await writer.mark_started([mid], TOKEN, utcnow())
+        finally:
+            await writer.aclose()
+
+    try:
+        with pytest.raises(TimeoutError):
+            asyncio.run(write())
+    finally:
+        locker.rollback()
+        locker.close()
+    with session_scope(pg_url) as db:
+        assert queries.get_message(db, mid).started_at is None

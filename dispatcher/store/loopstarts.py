@@ -8,7 +8,9 @@ by SQLAlchemy once) goes over a few asynchronous psycopg connections owned by th
 autocommit: one round trip, answered at the loop's next turn.
 
 A connection that fails is closed and its write fails: the caller sends nothing for those ids,
-as when the store cannot be reached through the pool. SQLite keeps the thread (its writes are
+as when the store cannot be reached through the pool; so does a write not answered within
+WRITE_TIMEOUT (even if it committed, nothing was sent: the record hands those claims back by
+their token). An idle connection the server dropped meanwhile is replaced and the write run again. SQLite keeps the thread (its writes are
 local and must queue on the database lock).
 """
 
@@ -26,6 +28,7 @@ from .db import normalize_url
 
 CONNECTIONS = 4  # per loop and database: writes beyond wait for one (a new backend per write costs PostgreSQL a fork)
 CONNECT_TIMEOUT = 5  # seconds
+WRITE_TIMEOUT = 10  # seconds a write may take before its messages are taken as not started (a hung network)
 
 
 class LoopStarts:
@@ -52,8 +55,7 @@ class LoopStarts:
                 conn = self.idle.pop() if reused else await psycopg.AsyncConnection.connect(
                     self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
                 try:
-                    cursor = await conn.execute(many.sql, params)
-                    done = {row[0] for row in await cursor.fetchall()}
+                    done = await asyncio.wait_for(_run(conn, many.sql, params), WRITE_TIMEOUT)
                 except psycopg.OperationalError:
                     broken = conn.broken or conn.closed
                     await _close(conn)
@@ -70,6 +72,11 @@ class LoopStarts:
         idle, self.idle = self.idle, []
         for conn in idle:
             await _close(conn)
+
+
+async def _run(conn: Any, sql: str, params: Any) -> set[str]:
+    cursor = await conn.execute(sql, params)
+    return {row[0] for row in await cursor.fetchall()}
 
 
 async def _close(conn: Any) -> None:
