@@ -48,7 +48,9 @@ def write_csv(path: str, rows: int, seed: int = 7) -> None:
 
 def config_text(base_url: str, api_key: str, rate: str | None) -> str:
     limit = f'rate_limit = "{rate}"\n' if rate else ""
-    return (f'[providers.bulk]\nkind = "emsgnow"\nbase_url = "{base_url}"\napi_key = "{api_key}"\n'
+    margin = os.environ.get("BENCH_RATE_MARGIN")  # the [dispatcher] rate_margin to run with
+    general = f"[dispatcher]\nrate_margin = {float(margin)}\n\n" if margin else ""
+    return (f'{general}[providers.bulk]\nkind = "emsgnow"\nbase_url = "{base_url}"\napi_key = "{api_key}"\n'
             f'from = "BENCH"\n{limit}')
 
 

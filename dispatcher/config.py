@@ -93,6 +93,7 @@ class Settings:
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
     schedule_grace: float = 3600.0  # a recurring occurrence missed by more than this is skipped
     throttle_wait: float = 2.0  # a batch reserves rate-limit slots at most this far ahead
+    rate_margin: float = 0.02  # of a limit's period (at most 1 s): the jitter budget between a send and the provider
     lease_seconds: float = 300.0  # a claim older than this is settled by the reaper, whoever holds it
     heartbeat_seconds: float = 2.0  # each worker process writes its heartbeat this often
     worker_timeout: float = 10.0  # a worker silent this long is dead: the reaper settles its claims

@@ -48,7 +48,7 @@ def configure(new: Settings | None) -> None:
     adapter_for.cache_clear()
 
 
-_limiters: dict[tuple[str, int], "RateLimiter"] = {}
+_limiters: dict[tuple[str, int, float], "RateLimiter"] = {}
 
 
 def limiter() -> "RateLimiter":
@@ -57,9 +57,10 @@ def limiter() -> "RateLimiter":
 
     from .ratelimit import RateLimiter
 
-    key = (settings().redis_url, os.getpid())
+    s = settings()
+    key = (s.redis_url, os.getpid(), s.rate_margin)
     if key not in _limiters:
-        _limiters[key] = RateLimiter.from_url(settings().redis_url)
+        _limiters[key] = RateLimiter.from_url(s.redis_url, margin_ratio=s.rate_margin)
     return _limiters[key]
 
 

@@ -466,3 +466,16 @@ def test_an_idle_spell_refills_the_burst_but_never_the_window_cap():
 def test_a_reservation_lists_its_instants_on_the_server_clock():
     r = Reservation(granted=2, delays=[0.0, 0.5], server_time=100.0)
     assert r.instants == [100.0, 100.5]
+
+
+def test_the_configured_rate_margin_widens_every_workers_spacing(dispatcher_env, sandbox, monkeypatch, account):
+    from dispatcher import runtime
+
+    from .conftest import write_config
+
+    monkeypatch.setenv("DISPATCHER_CONFIG", write_config(dispatcher_env / "wide.toml", sandbox, rate_margin=0.1))
+    runtime.configure(None)
+    r = runtime.limiter().reserve(account, parse_rate_limit("10/s"), 11, max_wait=5)
+
+    assert r.delays[1] - r.delays[0] == pytest.approx(0.11, abs=1e-4)  # 1.1 s for 10, not 1.02 s
+    assert r.delays[10] - r.delays[0] >= 1.1  # the 11th waits a whole widened window
