@@ -251,13 +251,18 @@ def lined(rows):
     return (Lined(r) for r in rows)
 
 
+def _the_same_load_a_minute_later():
+    """The same load again with the same key, after LOADER_TIMEOUT has passed (the first run silent)."""
+    later = utcnow() + LOADER_TIMEOUT + timedelta(seconds=1)
+    return create_campaign("alerts", lined(rows_of(LINES)), TEMPLATE, idempotency_key=KEY, chunk=CHUNK,
+                           clock=lambda: later)
+
+
 def test_a_loader_taken_for_dead_that_wakes_up_stores_nothing_more_and_deletes_nothing(dispatcher_env):
     took_over = []
 
     def another_run_a_minute_later():
-        later = utcnow() + LOADER_TIMEOUT + timedelta(seconds=1)
-        took_over.append(create_campaign("alerts", lined(rows_of(LINES)), TEMPLATE, idempotency_key=KEY, chunk=CHUNK,
-                                         clock=lambda: later))
+        took_over.append(_the_same_load_a_minute_later())
 
     with pytest.raises(LoadingTakenOver) as stopped:  # the first run stalls at line 27; meanwhile the same load again
         create_campaign("alerts", lined(rows_of(LINES, another_run_a_minute_later, 27)), TEMPLATE,
@@ -365,9 +370,7 @@ def test_a_loader_taken_for_dead_whose_source_then_fails_deletes_nothing_of_the_
     took_over = []
 
     def another_run_a_minute_later_then_the_source_fails():
-        later = utcnow() + LOADER_TIMEOUT + timedelta(seconds=1)
-        took_over.append(create_campaign("alerts", lined(rows_of(LINES)), TEMPLATE, idempotency_key=KEY, chunk=CHUNK,
-                                         clock=lambda: later))
+        took_over.append(_the_same_load_a_minute_later())
         raise SourceLost("cursor closed")
 
     with pytest.raises(SourceLost):
