@@ -253,7 +253,9 @@ class Starts:
     def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
         self.url, self.token, self.clock = url, token, clock
         if is_sqlite(url):  # through a thread: SQLite's writes queue on its lock
-            self._marks, self._unmarks = _Coalesced(self._mark), _Coalesced(self._unmark)
+            # one write at a time: concurrent ones would only queue on the lock, each slower, and a
+            # start recorded late is taken back (the slot missed): more "may have started" gaps
+            self._marks, self._unmarks = _Coalesced(self._mark, at_once=1), _Coalesced(self._unmark, at_once=1)
         else:  # from the loop itself (store/loopstarts.py)
             self._marks, self._unmarks = _Coalesced(self._mark_here), _Coalesced(self._unmark_here)
 
@@ -364,18 +366,20 @@ def _slot(reserved_at: float, delay: float, slack: float | None, ticket: str | N
     return Slot(reserved_at + delay, slack, ticket if delay >= PRIORITY_GUARD else None)
 
 
+WRITES_AT_ONCE = 3  # coalesced writes out at a time (_Coalesced), where the store takes them concurrently
+
+
 class _Coalesced:
     """Runs `write(ids) -> ids done` (in a thread, or awaited if it is a coroutine function) for
     every id submitted in one turn of the loop.
 
-    Up to WRITES_AT_ONCE writes run at a time: an id submitted while a write is out goes in the
+    Up to `at_once` writes run at a time: an id submitted while a write is out goes in the
     next turn's write instead of waiting for that one to come back (which doubled the time a
     request slot was held before its request went, docs/throughput.md)."""
 
-    WRITES_AT_ONCE = 3
-
-    def __init__(self, write: Callable[[list[str]], Any], what: str = "record the start of") -> None:
-        self.write, self.what = write, what
+    def __init__(self, write: Callable[[list[str]], Any], what: str = "record the start of",
+                 at_once: int = WRITES_AT_ONCE) -> None:
+        self.write, self.what, self.at_once = write, what, at_once
         self.on_loop = asyncio.iscoroutinefunction(write)
         self.pending: list[tuple[str, asyncio.Future]] = []
         self.scheduled = False  # a flush is due at the next turn of the loop
@@ -385,7 +389,7 @@ class _Coalesced:
         """`done` if the write covered the id, NOT_OURS if it did not, NOT_STARTED if it failed."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((message_id, future))
-        if not self.scheduled and self.writing < self.WRITES_AT_ONCE:
+        if not self.scheduled and self.writing < self.at_once:
             self.scheduled = True
             asyncio.ensure_future(self._flush(done))
         return await future
