@@ -290,7 +290,7 @@ class Starts:
         """Claims whose start was refused though still this claim's: their campaign was paused or
         cancelled since the claim. They go back unstarted (if this fails, the whole write fails:
         none of its ids is sent, and the record hands them all back)."""
-        with session_scope(self.url) as db:
+        with connection_scope(self.url) as db:
             held = queries.hand_back(db, ids, self.token, now, now, unstarted_only=True)
         if held:
             log.info("%d claimed message(s) of a paused or cancelled campaign handed back before their start: %s",
@@ -657,7 +657,7 @@ async def send_all(
                 log.exception("could not hold the rate-limit slot of %s; handed back unstarted", m.id)
                 return NOT_STARTED
             if not isinstance(held, Slot):
-                return held
+                return _not_sent(m, held, "its rate-limit slot was taken and no new one came in time")
             slot = held
         at, slack = slot.at, slot.slack
         # Record the start a moment ahead of a reserved slot, so the store's latency never delays
@@ -668,22 +668,29 @@ async def send_all(
             await asyncio.sleep(at - lead - time.monotonic())
         async with loop.request_slot(m.provider):  # the account's requests in flight in this process
             if stopping is not None and stopping.is_set():
-                return NOT_STARTED
+                return _not_sent(m, NOT_STARTED, "the worker is stopping")
             if slack is not None and time.monotonic() > at + slack:
-                return MISSED_SLOT
+                return _not_sent(m, MISSED_SLOT, f"it woke {time.monotonic() - at:.3f}s after its rate-limit slot")
             if starts is not None:
                 started = await starts.start(m.id)
                 if started is not STARTED:
-                    return started
+                    return _not_sent(m, started, "its start was not recorded as this claim's")
             if at - time.monotonic() > 0:
                 await asyncio.sleep(at - time.monotonic())
             if slack is not None and time.monotonic() > at + slack:
                 if starts is not None:  # the store was slow to record the start: nothing left, say so first
                     await starts.unstart(m.id)
-                return MISSED_SLOT
+                return _not_sent(m, MISSED_SLOT, f"its start was recorded {time.monotonic() - at:.3f}s after its "
+                                 "rate-limit slot")
             return await adapter.send(client, outbound(m))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+
+
+def _not_sent(m: Message, answer: object, why: str) -> object:
+    """`answer` (a message not sent, to be handed back), said in the log with the reason."""
+    log.info("message %s not sent, handed back unstarted: %s", m.id, why)
+    return answer
 
 
 def outbound(m: Message) -> OutboundMessage:

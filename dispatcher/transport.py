@@ -191,7 +191,11 @@ class LoopThread:
         self.in_flight = in_flight  # requests in flight per account (request_slot)
         self.claim_cap = in_flight + claim_ahead  # messages held per account, claimed or sending (room)
         self._requests: dict[str, asyncio.Semaphore] = {}
-        self._loop = asyncio.new_event_loop()
+        if os.environ.get('XP_UVLOOP'):
+            import uvloop
+            self._loop = uvloop.new_event_loop()
+        else:
+            self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
         self._thread.start()
         self._client: httpx.AsyncClient | None = None

@@ -404,3 +404,31 @@ def test_a_start_write_left_unanswered_fails_in_bounded_time_and_starts_nothing(
         locker.close()
     with session_scope(pg_url) as db:
         assert queries.get_message(db, mid).started_at is None
+
+
+def test_a_start_refused_for_a_paused_campaign_hands_that_message_back_and_starts_the_one_beside_it(store_url):
+    """Starts that come due together are written together: a campaign paused after its message
+    was claimed has that message handed back at once, while a single send in the same write
+    still starts (the write does not fail as a whole and send neither)."""
+    import asyncio
+
+    from dispatcher import dispatch, transport
+    from dispatcher.store.models import Campaign
+
+    with session_scope(store_url) as db:
+        campaign = Campaign(provider="alerts", template="hi", state="paused")
+        db.add(campaign)
+        db.flush()
+        campaign_id = campaign.id
+    single, of_campaign = _add(store_url, 2)
+    with session_scope(store_url) as db:
+        db.get(Message, of_campaign).campaign_id = campaign_id
+    with session_scope(store_url) as db:
+        queries.claim(db, [single, of_campaign], utcnow(), TOKEN, "w1")
+    starts = dispatch.Starts(store_url, TOKEN, utcnow)
+
+    async def both():  # type: ignore[no-untyped-def]
+        return await asyncio.gather(starts.start(single), starts.start(of_campaign))
+
+    assert transport.process_loop().run(both) == [dispatch.STARTED, dispatch.NOT_OURS]
+    assert (_status(store_url, single), _status(store_url, of_campaign)) == ("sending", "queued")
