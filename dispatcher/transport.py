@@ -36,6 +36,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from . import http1
+
 T = TypeVar("T")
 
 
@@ -54,39 +56,25 @@ def make_client(in_flight: int = 256, timeout: float = 60.0) -> httpx.AsyncClien
     )
 
 
-def _total(timeout: dict) -> float | None:
-    """A bound on the whole request: a provider dripping its answer a byte at a time never
-    trips the per-read timeout, and would hold its batch's record for as long as it likes."""
-    connect, read = timeout.get("connect"), timeout.get("read")
-    return None if read is None else (connect or 0.0) + read
-
-
 class Wire:
-    """Sends an `httpx.Request` as it is (the exact bytes its Auth signed) over one aiohttp session.
+    """Sends an `httpx.Request` as it is (the exact bytes its Auth signed) over kept-alive
+    HTTP/1.1 connections (http1.py).
 
     `send(request, auth=...)` has the shape of `httpx.AsyncClient.send` for what the adapters use:
     it runs the Auth's flow (a token exchange included), follows no redirect, and returns an
     `httpx.Response` already read, with `.request` and `.history`. The timeouts are the request's
-    `timeout` extension, applied as httpx-aiohttp applies them (connect, read, pool wait). A
-    failure is aiohttp's own error (or an OSError), carrying the request it concerns as
-    `exc.request` like httpx's, so providers.base.network_outcome reads it as before. No cookie
-    jar: nothing is added to what the adapter built.
+    `timeout` extension: connect, read (between bytes of the answer), and connect + read for the
+    whole request, so that a provider dripping its answer a byte at a time cannot hold a batch's
+    record for as long as it likes. A failure is one of httpx's errors carrying the request
+    (http1.py lists which), so providers.base.network_outcome reads it as it reads httpx's. No
+    cookie jar: nothing is added to what the adapter built but the default User-Agent, Accept and
+    Accept-Encoding headers it lacks.
     """
 
     def __init__(self, in_flight: int = 256, timeout: float = 60.0) -> None:
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))  # the cap Adapter.timeouts reads
-        self._limits = httpx.Limits(max_connections=in_flight * 16)
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limits.max_connections,
-                                             keepalive_timeout=self._limits.keepalive_expiry,
-                                             ssl=httpx.create_ssl_context(trust_env=False))
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  trust_env=False)
-        return self._session
+        self._default_timeout = self.timeout.as_dict()
+        self._connections = http1.Connections()
 
     async def send(self, request: httpx.Request, *, auth: Any = None) -> httpx.Response:
         if not isinstance(auth, httpx.Auth):  # None or httpx.USE_CLIENT_DEFAULT: the request as built
@@ -107,42 +95,20 @@ class Wire:
             await flow.aclose()
 
     async def _one(self, request: httpx.Request) -> httpx.Response:
-        body = request.content or None
-        try:
-            async with self._open().request(
-                request.method, str(request.url), headers=request.headers.multi_items(), data=body,
-                allow_redirects=False, auto_decompress=False, compress=False,
-                timeout=self._timeout(request.extensions.get("timeout")),
-            ) as answer:
-                content = await answer.read()
-                status, headers, reason = answer.status, answer.raw_headers, answer.reason
-        except (aiohttp.ClientError, OSError) as exc:
-            exc.request = request  # type: ignore[attr-defined] - as httpx's errors carry it
-            raise
+        answer = await self._connections.send(request, request.extensions.get("timeout") or self._default_timeout)
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
-        if reason:
-            extensions["reason_phrase"] = reason.encode()
-        response = httpx.Response(status, headers=headers, stream=httpx.ByteStream(content), request=request,
-                                  extensions=extensions)
+        if answer.reason:
+            extensions["reason_phrase"] = answer.reason
+        response = httpx.Response(answer.status, headers=answer.headers, stream=httpx.ByteStream(answer.body),
+                                  request=request, extensions=extensions)
         response.read()  # decodes a Content-Encoding as httpx would
         return response
 
-    def _timeout(self, timeout: dict | None) -> aiohttp.ClientTimeout:
-        """The request's timeouts as aiohttp's (kept per distinct value: an account has one)."""
-        timeout = timeout or self.timeout.as_dict()
-        key = (timeout.get("connect"), timeout.get("read"), timeout.get("pool"))
-        made = self._timeouts.get(key)
-        if made is None:
-            made = aiohttp.ClientTimeout(sock_connect=timeout.get("connect"), sock_read=timeout.get("read"),
-                                         connect=timeout.get("pool"), total=_total(timeout))
-            if len(self._timeouts) < 64:
-                self._timeouts[key] = made
-        return made
+    def warm_up(self) -> None:
+        self._connections.tls()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._connections.aclose()
 
 
 class Room:
@@ -191,11 +157,7 @@ class LoopThread:
         self.in_flight = in_flight  # requests in flight per account (request_slot)
         self.claim_cap = in_flight + claim_ahead  # messages held per account, claimed or sending (room)
         self._requests: dict[str, asyncio.Semaphore] = {}
-        if os.environ.get('XP_UVLOOP'):
-            import uvloop
-            self._loop = uvloop.new_event_loop()
-        else:
-            self._loop = asyncio.new_event_loop()
+        self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="dispatcher-loop", daemon=True)
         self._thread.start()
         self._client: httpx.AsyncClient | None = None
@@ -340,12 +302,12 @@ def close_process_loop() -> None:
 
 
 def warm_up(in_flight: int = 256) -> None:
-    """Create the loop and its client now (TLS context, aiohttp session): not in a timed send."""
+    """Create the loop, its client and its Wire now (TLS contexts, aiohttp session): not in a timed send."""
     loop = process_loop(in_flight)
 
     async def touch() -> None:
         loop.client()
-        loop.wire()._open()
+        loop.wire().warm_up()
 
     loop.run(touch)
 

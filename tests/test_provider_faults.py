@@ -1,7 +1,9 @@
-"""How every adapter classifies every fault, over the production transport (httpx over aiohttp).
+"""How every adapter classifies every fault, over both production transports.
 
-The case table runs each sandbox fault against each kind over real HTTP, through
-`dispatcher.transport.make_client`, and checks the one outcome the dispatcher acts on: accepted,
+The case table runs each sandbox fault against each kind over real HTTP, through the worker's
+Wire (sends: dispatcher/http1.py underneath) and through `dispatcher.transport.make_client`
+(httpx over aiohttp: status polls, cancels, look-ups), and checks the one outcome the
+dispatcher acts on: accepted,
 retry with a fresh key (the provider said it failed, or provably nothing left), retry as
 ambiguous (the provider may have it: same key, or `unknown` under on_timeout = "unknown").
 """
@@ -22,7 +24,7 @@ from dispatcher.config import ProviderAccount
 from dispatcher.providers import adapter_class
 from dispatcher.providers.base import Accepted, OutboundMessage, RetryLater, network_outcome
 from dispatcher.providers.emnify import clear_token_cache
-from dispatcher.transport import make_client
+from dispatcher.transport import Wire, make_client
 
 KINDS = ("emsgnow", "esimfly", "esimaccess", "emnify", "esms_africa")
 DEFAULTS = {"emsgnow": {"from": "ACME"}, "emnify": {"source_address": "12345689"}}
@@ -44,10 +46,20 @@ def message(kind: str, text: str = "hello") -> OutboundMessage:
                            attempt_key=str(uuid.uuid4()))
 
 
+CLIENTS = {"wire": Wire, "httpx": make_client}  # what sends go over; what polls, cancels and look-ups go over
+_client = make_client  # the one a test uses (the `over` fixture)
+
+
+@pytest.fixture(params=list(CLIENTS))
+def over(request, monkeypatch):
+    monkeypatch.setattr(f"{__name__}._client", CLIENTS[request.param])
+    return request.param
+
+
 def send(adapter, *msgs: OutboundMessage, timeout: float = TIMEOUT):
     """Send the messages one after another over one production client (its pool kept between them)."""
     async def go():
-        client = make_client(in_flight=4, timeout=timeout)
+        client = _client(in_flight=4, timeout=timeout)
         try:
             return [await adapter.send(client, m) for m in msgs]
         finally:
@@ -100,7 +112,7 @@ CASES = {
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_fault_reads_as_the_right_outcome_for_every_kind(sb, kind, case):
+def test_every_fault_reads_as_the_right_outcome_for_every_kind(sb, over, kind, case):
     faults, expected = CASES[case]
     cls, code, ambiguous = expected[kind] if isinstance(expected, dict) else expected
     adapter = warmed(sb, kind)
@@ -122,7 +134,7 @@ NOT_SENT = {kind: "auth_unreachable" if kind == "emnify" else "connect_error" fo
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_refused_connection_is_provably_not_sent(sb, kind):
+def test_a_refused_connection_is_provably_not_sent(sb, over, kind):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again at once: nothing listens there
@@ -152,13 +164,13 @@ def unanswered_port():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_connect_timeout_is_provably_not_sent(sb, kind, unanswered_port):
+def test_a_connect_timeout_is_provably_not_sent(sb, over, kind, unanswered_port):
     outcome = send(adapter_for(sb, kind, f"http://127.0.0.1:{unanswered_port}/{kind}"), message(kind),
                    timeout=0.3).outcome
     assert (type(outcome), outcome.code, outcome.ambiguous) == (RetryLater, NOT_SENT[kind], False), outcome
 
 
-def test_a_hanging_emnify_authentication_times_out_like_the_send_would(sb):
+def test_a_hanging_emnify_authentication_times_out_like_the_send_would(sb, over):
     sb.set_faults("emnify", hang_next=1, hang_ms=3000)  # the first request, the token exchange, hangs
     outcome = send(adapter_for(sb, "emnify"), message("emnify"), timeout=0.3).outcome
     assert (type(outcome), outcome.code, outcome.ambiguous) == (RetryLater, "auth_unreachable", False)
@@ -167,12 +179,12 @@ def test_a_hanging_emnify_authentication_times_out_like_the_send_would(sb):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_kept_alive_connection_found_dead_when_used_is_ambiguous_and_not_retried_by_aiohttp(sb, kind):
+def test_a_kept_alive_connection_found_dead_when_used_is_ambiguous_and_not_retried_behind_our_back(sb, over, kind):
     adapter = warmed(sb, kind)
     mark = sb.last_seq
 
     async def go():
-        client = make_client(in_flight=4, timeout=TIMEOUT)
+        client = _client(in_flight=4, timeout=TIMEOUT)
         try:
             first = await adapter.send(client, message(kind))
             sb.set_faults(kind, reset_next=1)  # the server side of the pooled connection dies on the next use

@@ -1,0 +1,114 @@
+"""The sends' HTTP/1.1 (dispatcher/http1.py): every way an answer may be framed is read whole,
+kept-alive connections are reused, and one the server closed while idle is never written on."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+
+import httpx
+import pytest
+
+from dispatcher.transport import Wire
+
+TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
+
+
+async def _serve(answers: list[bytes], close_after: set[int] = frozenset()):  # type: ignore[no-untyped-def]
+    """A raw server answering the n-th request it reads with answers[n] (then closing the
+    connection when n is in `close_after`); returns the server, its port and what it saw."""
+    seen: list[tuple[int, bytes]] = []  # (connection number, request bytes)
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            if not head:
+                break
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            body = await reader.readexactly(length)
+            n = len(seen)
+            seen.append((mine, head + body))
+            writer.write(answers[n])
+            await writer.drain()
+            if n in close_after:
+                writer.close()
+                break
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+def _post(port: int, body: bytes = b'{"to":"+14155550123"}') -> httpx.Request:
+    request = httpx.Request("POST", f"http://127.0.0.1:{port}/sms?x=1", content=body,
+                            headers={"content-type": "application/json"})
+    request.extensions["timeout"] = TIMEOUT
+    return request
+
+
+def _run(answers: list[bytes], requests: int, close_after: set[int] = frozenset()):  # type: ignore[no-untyped-def]
+    async def go():  # type: ignore[no-untyped-def]
+        server, port, seen = await _serve(answers, close_after)
+        wire = Wire(in_flight=4)
+        try:
+            responses = [await wire.send(_post(port)) for _ in range(requests)]
+        finally:
+            await wire.aclose()
+            server.close()
+        return responses, seen
+
+    return asyncio.run(go())
+
+
+def test_the_request_goes_as_built_and_kept_alive_connections_carry_the_next_ones():
+    ok = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{"trackingId":1}'
+    responses, seen = _run([ok, ok, ok], 3)
+    assert [r.json() for r in responses] == [{"trackingId": 1}] * 3
+    assert [conn for conn, _ in seen] == [1, 1, 1]  # one connection for all three
+    head, _, body = seen[0][1].partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"POST /sms?x=1 HTTP/1.1"
+    assert body == b'{"to":"+14155550123"}'
+    assert b"content-type: application/json" in head.lower() and b"content-length: 21" in head.lower()
+    assert responses[0].reason_phrase == "OK"
+
+
+@pytest.mark.parametrize("answer, body", [
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n", {"a": 1}),
+    (b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(gzip.compress(b'{"b":2}'))
+     + gzip.compress(b'{"b":2}'), {"b": 2}),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"c\":3}", {"c": 3}),  # no length: the body ends at the close
+], ids=["chunked", "gzip", "until-close"])
+def test_every_framing_of_an_answer_is_read_whole(answer, body):
+    closes = b"Connection: close" in answer
+    responses, seen = _run([answer, answer], 2, close_after={0, 1} if closes else set())
+    assert [r.json() for r in responses] == [body, body]
+    assert [conn for conn, _ in seen] == ([1, 2] if closes else [1, 1])  # a framed answer leaves the connection usable
+
+
+def test_a_connection_the_server_closes_after_answering_is_not_used_again():
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    responses, seen = _run([ok, ok], 2, close_after={0, 1})
+    assert [r.status_code for r in responses] == [200, 200]
+    assert [conn for conn, _ in seen] == [1, 2]
+
+
+def test_an_answer_cut_short_is_an_error_naming_its_request():
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{\"partial\":"
+
+    async def go():  # type: ignore[no-untyped-def]
+        server, port, _ = await _serve([cut], close_after={0})
+        wire = Wire(in_flight=4)
+        try:
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await wire.send(_post(port))
+            return caught.value, port
+        finally:
+            await wire.aclose()
+            server.close()
+
+    error, port = asyncio.run(go())
+    assert error.request.url.port == port
