@@ -267,13 +267,13 @@ def main() -> None:
     print(f"{args.messages} messages, provider latency {args.latency_ms} ms, {args.workers} worker processes")
     with SandboxProcess(latency_ms=args.latency_ms) as provider:
         provider.configure("emsgnow", rate_limit=10**9)
-        meter = CpuMeter({"mock": [provider.proc.pid]}).start()
-        cpu = time.process_time()
-        bare = asyncio.run(bare_client(provider.base_url("emsgnow") + "/sms", provider.credentials("emsgnow")["api_key"],
-                                       args.messages, args.in_flight))
-        bare_cpu = {"client": time.process_time() - cpu, **meter.stop()}
-        print(f"bare aiohttp client ({args.in_flight} in flight)   {bare:8.0f} msg/s")
-        print(f"    CPU s per 1,000 messages: {per_thousand(bare_cpu, args.messages)}")
+        bare, bare_cpu = run_bare(provider, args, "asyncio")
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:  # for reference: the worker's loop is uvloop's (transport.new_event_loop); the ratios are to the line above
+            run_bare(provider, args, "uvloop", uvloop.new_event_loop)
         naive_rate = float("nan")
         if args.naive_messages > 0:  # --naive-messages 0 skips the slow baseline (quick iterations)
             naive_rate = naive(provider, args.naive_messages, args.workers)
@@ -293,6 +293,21 @@ def main() -> None:
             print(f"    worker RSS at 25/50/75/100 % accepted: {' / '.join(f'{mb:.0f}' for mb in r['rss_quarters'])} MB")
             print(f"    CPU s per 1,000 messages: {per_thousand(r['cpu'], args.messages)}; "
                   f"worker / bare client = {r['cpu']['worker'] / max(bare_cpu['client'], 1e-9):.1f}")
+        print("the bare client again, after (the machine's load moves between runs; compare with the first line):")
+        run_bare(provider, args, "asyncio")
+
+
+def run_bare(provider, args, name: str, loop_factory=None) -> tuple[float, dict[str, float]]:  # type: ignore[no-untyped-def]
+    """The bare aiohttp client's rate and CPU (its own and the mock's), printed."""
+    meter = CpuMeter({"mock": [provider.proc.pid]}).start()
+    cpu = time.process_time()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        rate = runner.run(bare_client(provider.base_url("emsgnow") + "/sms", provider.credentials("emsgnow")["api_key"],
+                                      args.messages, args.in_flight))
+    used = {"client": time.process_time() - cpu, **meter.stop()}
+    print(f"bare aiohttp client ({args.in_flight} in flight, {name}) {rate:8.0f} msg/s")
+    print(f"    CPU s per 1,000 messages: {per_thousand(used, args.messages)}")
+    return rate, used
 
 
 def _pg_schema() -> str:
