@@ -9,16 +9,19 @@ overlapping keys take their row locks in the same order and never deadlock.
 
 Rows without a key go in with one executemany, or on PostgreSQL with one COPY: psycopg
 pipelines an executemany, but still runs one INSERT per row, which made half of send_many()'s
-time for 20,000 messages (docs/throughput.md). The values pass through SQLAlchemy's own bind
-processing for each column (UTC times, JSON) either way.
+time for 20,000 messages (docs/throughput.md). The COPY is binary, each value sent in its
+column's type as the database reports it, which spares both sides the text form of every
+time. The values pass through SQLAlchemy's own bind processing for each column (UTC times,
+JSON) either way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from operator import itemgetter
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import insert, select
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Session
 
 from .db import driver_cursor
@@ -68,19 +71,23 @@ def _insert_or_nothing(session: Session) -> Any:
 
 
 def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert rows naming every column of `messages` (no key to check): one COPY on PostgreSQL,
-    one executemany of the driver on SQLite, each value through its column's bind processor."""
+    """Insert rows naming every column of `messages` (no key to check): one binary COPY on
+    PostgreSQL, one executemany of the driver on SQLite, each value through its column's bind
+    processor."""
     dialect = session.get_bind().dialect
     columns, converters = _copy_columns(dialect)
     if dialect.name not in ("postgresql", "sqlite") or not all(c in rows[0] for c in columns):
         session.execute(insert(M), rows)
         return
-    values = (_values(row, columns, converters) for row in rows)
+    values = _all_values(rows, columns, converters)
     quote = dialect.identifier_preparer.quote
     names = ", ".join(quote(c) for c in columns)
     if dialect.name == "postgresql":
-        sql = f"COPY {quote(M.name)} ({names}) FROM STDIN"
-        with driver_cursor(session.connection(), sql) as cursor, cursor.copy(sql) as copy:
+        sql = f"COPY {quote(M.name)} ({names}) FROM STDIN (FORMAT BINARY)"
+        conn = session.connection()
+        types = _column_types(conn, columns)
+        with driver_cursor(conn, sql) as cursor, cursor.copy(sql) as copy:
+            copy.set_types(types)
             for row in values:
                 copy.write_row(row)
     else:
@@ -89,27 +96,54 @@ def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
             cursor.executemany(sql, values)
 
 
-def _values(row: dict[str, Any], columns: list[str], converters: list[tuple[int, Any]]) -> list[Any]:
-    """A row's values in column order, as the driver takes them. One time often fills several
-    columns of a row (created_at, updated_at, due_at, enqueued_at): it is converted once."""
-    out = [row[c] for c in columns]
-    seen_time: Any = None
-    seen_out: Any = None
-    for i, process in converters:
-        value = out[i]
-        if value is None:
-            continue
-        if process.__class__ is _TimeProcessor:
-            if value is not seen_time:
-                seen_time, seen_out = value, process(value)
-            out[i] = seen_out
-        else:
-            out[i] = process(value)
-    return out
+def _column_types(conn: Connection, columns: list[str]) -> list[int]:
+    """The type oid of each of `columns` of `messages`, as the database has them (a binary COPY
+    must send each value in its column's own type: PostgreSQL applies no cast). Read once per
+    database URL: the table the COPY names is the one `messages` resolves to on that URL."""
+    key = str(conn.engine.url)
+    types = _pg_types.get(key)
+    if types is None:
+        found = dict(conn.exec_driver_sql(
+            "SELECT attname, atttypid::int FROM pg_attribute "
+            "WHERE attrelid = %(table)s::regclass AND attnum > 0 AND NOT attisdropped", {"table": M.name}).all())
+        types = _pg_types[key] = [found[c] for c in columns]
+    return types
+
+
+_pg_types: dict[str, list[int]] = {}
+
+
+def _all_values(rows: list[dict[str, Any]], columns: list[str], converters: list[tuple[int, Any]]) -> Iterator[list[Any]]:
+    """Each row's values in column order, as the driver takes them.
+
+    One time often fills several columns of a row (created_at, updated_at, due_at, enqueued_at):
+    it is converted once. Empty options, the usual case, are converted once for all rows."""
+    pick = itemgetter(*columns)
+    empty: dict[int, Any] = {}
+    for row in rows:
+        out = list(pick(row))
+        seen_time: Any = None
+        seen_out: Any = None
+        for i, process in converters:
+            value = out[i]
+            if value is None:
+                continue
+            if process.__class__ is _TimeProcessor:
+                if value is not seen_time:
+                    seen_time, seen_out = value, process(value)
+                out[i] = seen_out
+            elif value.__class__ is dict and not value:  # the same JSON for every row without options
+                done = empty.get(i)
+                if done is None:
+                    done = empty[i] = process(value)
+                out[i] = done
+            else:
+                out[i] = process(value)
+        yield out
 
 
 class _TimeProcessor:
-    """A UTCDateTime column's bind processor (marked so that `_values` may reuse its results)."""
+    """A UTCDateTime column's bind processor (marked so that `_all_values` may reuse its results)."""
 
     def __init__(self, process: Callable[[Any], Any]) -> None:
         self.process = process
