@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from collections.abc import Mapping  # isinstance against typing.Mapping costs 3 µs a call (send_many)
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from . import runtime, storable
 from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError
@@ -161,7 +163,24 @@ def build_many(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """send_many()'s validation alone: row values per item, errors naming the item."""
     if isinstance(messages, (str, bytes, Mapping)):
         raise ValidationError("messages", "must be a list (or other iterable) of mappings")
-    return [_build_item(index, item) for index, item in enumerate(messages)]
+    with _no_cycle_collection():
+        return [_build_item(index, item) for index, item in enumerate(messages)]
+
+
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector paused while rows are built. Every row is two new dicts that
+    live on, and the collector kept running passes over them: 0.03-0.14 s of the 0.13-0.29 s
+    it took to build 20,000 rows. Memory is still freed by reference counting meanwhile; the
+    collector is left alone if something else has paused it."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 _ITEM_ARGS = ("not_before", "not_after", "idempotency_key", "scheduled_at")
