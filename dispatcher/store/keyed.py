@@ -87,9 +87,9 @@ def insert_plain(session: Session, rows: list[dict[str, Any]]) -> None:
     if dialect.name == "postgresql":
         sql = f"COPY {quote(M.name)} ({names}) FROM STDIN (FORMAT BINARY)"
         conn = session.connection()
-        types = _column_types(conn)
+        types = _column_types(conn, columns)
         with driver_cursor(conn, sql) as cursor, cursor.copy(sql) as copy:
-            copy.set_types([types[c] for c in columns])
+            copy.set_types(types)
             for row in values:
                 copy.write_row(row)
     else:
@@ -119,17 +119,18 @@ def _with_values(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
     return [c for c in columns if c not in omitted]
 
 
-def _column_types(conn: Connection) -> dict[str, int]:
-    """The type oid of each column of `messages`, as the database has them (a binary COPY must
-    send each value in its column's own type: PostgreSQL applies no cast). Read once per
-    database URL: the table the COPY names is the one `messages` resolves to on that URL."""
+def _column_types(conn: Connection, columns: list[str]) -> list[int]:
+    """The type oid of each of `columns` of `messages`, as the database has them (a binary COPY
+    must send each value in its column's own type: PostgreSQL applies no cast). Read once per
+    database URL, and again should a column be missing (a migration since): the table the COPY
+    names is the one `messages` resolves to on that URL."""
     key = str(conn.engine.url)
     types = _pg_types.get(key)
-    if types is None:
+    if types is None or not all(c in types for c in columns):
         types = _pg_types[key] = dict(conn.exec_driver_sql(
             "SELECT attname, atttypid::int FROM pg_attribute "
             "WHERE attrelid = %(table)s::regclass AND attnum > 0 AND NOT attisdropped", {"table": M.name}).all())
-    return types
+    return [types[c] for c in columns]
 
 
 _pg_types: dict[str, dict[str, int]] = {}
