@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from collections.abc import Mapping  # isinstance against typing.Mapping costs 3 µs a call (send_many)
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from . import runtime, storable
 from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError
@@ -22,7 +23,7 @@ from .store import queries
 from .store.db import ensure_schema, session_scope
 from .store.keyed import insert_keyed
 from .store.models import ACCEPTED, CANCELLED, FINAL, PENDING, QUEUED, SCHEDULED, SENDING, Message as Row
-from .store.models import new_id, utcnow
+from .store.models import new_attempt_key, new_id, utcnow
 
 log = logging.getLogger("dispatcher.api")
 _OPTION_ALIASES = {"from_": "from", "sender": "from"}
@@ -135,12 +136,7 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     id of that message (nothing new is stored or sent); for a key repeated in the batch, the id
     of its first item. Producers sending overlapping keys at once each get the same ids.
     """
-    rows: list[dict[str, Any]] = []
-    if isinstance(messages, (str, bytes, Mapping)):
-        raise ValidationError("messages", "must be a list (or other iterable) of mappings")
-    for index, item in enumerate(messages):
-        rows.append(_build_item(index, item))
-    return store_many(rows)[0]
+    return store_many(build_many(messages))[0]
 
 
 def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
@@ -152,7 +148,8 @@ def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
     """
     if not rows:
         return [], 0
-    rows = [{**_COLUMN_DEFAULTS, **r} for r in rows]  # one bulk insert names every column
+    columns = _COLUMN_DEFAULTS.keys()  # one bulk insert names every column (build_many's rows already do)
+    rows = [r if r.keys() >= columns else {**_COLUMN_DEFAULTS, **r} for r in rows]
     s = runtime.settings()
     ensure_schema(s.database_url)
     with session_scope(s.database_url) as db:
@@ -166,27 +163,47 @@ def build_many(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """send_many()'s validation alone: row values per item, errors naming the item."""
     if isinstance(messages, (str, bytes, Mapping)):
         raise ValidationError("messages", "must be a list (or other iterable) of mappings")
-    return [_build_item(index, item) for index, item in enumerate(messages)]
+    with _no_cycle_collection():
+        return [_build_item(index, item) for index, item in enumerate(messages)]
+
+
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector paused while rows are built. Every row is two new dicts that
+    live on, and the collector kept running passes over them: 0.02-0.14 s of the 0.13-0.29 s
+    it took to build 20,000 rows. Memory is still freed by reference counting meanwhile; the
+    collector is left alone if something else has paused it."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+_ITEM_ARGS = ("not_before", "not_after", "idempotency_key", "scheduled_at")
+_ITEM_KEYS = frozenset(("provider", "to", "text", "options", *_ITEM_ARGS))  # the rest are options
 
 
 def _build_item(index: int, item: Any) -> dict[str, Any]:
     """One item of send_many() as row values; its errors name the item (`messages[3].text`)."""
     if not isinstance(item, Mapping):
         raise ValidationError(f"messages[{index}]", "must be a mapping with provider, to, text, ...")
-    item = dict(item)
-    opts = item.pop("options", None) or {}
+    opts = item.get("options") or {}
     if not isinstance(opts, Mapping):
         raise ValidationError(f"messages[{index}].options", "must be a mapping of option names to values")
-    opts = dict(opts)
-    args = {k: item.pop(k, None) for k in ("not_before", "not_after", "idempotency_key", "scheduled_at")}
+    for name in ("provider", "to"):
+        if name not in item:
+            raise ValidationError(f"messages[{index}].{name}", "is required")
+    extra = [k for k in item if k not in _ITEM_KEYS]
+    if extra:  # extra keys are options, over those of `options`
+        opts = {**opts, **{k: item[k] for k in extra}}
+    get = item.get
     try:
-        provider, to = item.pop("provider"), item.pop("to")
-    except KeyError as exc:
-        raise ValidationError(f"messages[{index}].{exc.args[0]}", "is required") from None
-    text = item.pop("text", None)
-    opts.update(item)
-    try:
-        return row_values(provider, to, text, options=opts, **args)
+        return _checked_row(get("provider"), get("to"), get("text"), get("not_before"), get("not_after"),
+                            get("idempotency_key"), get("scheduled_at"), opts, _COLUMN_DEFAULTS.copy())
     except ValidationError as exc:
         named = type(exc).__new__(type(exc))  # the same class (UnknownProvider's own __init__ differs)
         ValidationError.__init__(named, f"messages[{index}].{exc.field}", exc.rule)
@@ -259,11 +276,20 @@ def row_values(
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """build_row's checks, returning the row's column values as a dict: what a bulk insert
-    takes, without building a model object per row (11 µs a row against 76 µs; campaigns.py)."""
+    takes, without building a model object per row (11 µs a row against 76 µs; campaigns.py).
+    Only the columns a send sets are named; the others keep the model's defaults."""
+    return _checked_row(provider, to, text, not_before, not_after, idempotency_key, scheduled_at, options, {})
+
+
+def _checked_row(
+    provider: Any, to: Any, text: Any, not_before: Any, not_after: Any, idempotency_key: Any, scheduled_at: Any,
+    options: Any, row: dict[str, Any],
+) -> dict[str, Any]:
+    """row_values' checks; the values go into `row` (send_many() passes every column's default,
+    which spares store_many() building each row a second time)."""
     if not isinstance(provider, str) or not provider:
         raise ValidationError("provider", "must be the name of a configured provider account")
-    runtime.settings().account(provider)  # raises UnknownProvider naming the configured accounts
-    adapter = runtime.adapter_for(provider)
+    adapter = runtime.adapter_for(provider)  # raises UnknownProvider naming the configured accounts
     if options is not None and not isinstance(options, Mapping):
         raise ValidationError("options", "must be a mapping of option names to values")
     opts = {_OPTION_ALIASES.get(k, k): v for k, v in (options or {}).items()}
@@ -272,8 +298,10 @@ def row_values(
             raise InvalidTime("scheduled_at", "is an alias of not_before: give one of them")
         not_before = scheduled_at
     now = utcnow()
-    not_before = _aware("not_before", not_before)
-    not_after = _aware("not_after", not_after)
+    if not_before is not None:
+        not_before = _aware("not_before", not_before)
+    if not_after is not None:
+        not_after = _aware("not_after", not_after)
     if not_before is not None and not_after is not None and not_after <= not_before:
         raise InvalidTime("not_after", "must be later than not_before")
     if not_after is not None and not_after <= now:
@@ -288,25 +316,22 @@ def row_values(
     adapter.validate(to, text, opts)
     if len(to) > MAX_TO:  # every kind's own rule is shorter; this is the store's limit, for any kind to come
         raise InvalidAddress("to", f"at most {MAX_TO} characters")
-    held = not_before is not None and not_before > now + timedelta(seconds=1)
-    return dict(
-        id=new_id(),
-        provider=provider,
-        kind=adapter.kind,
-        to=to,
-        text=text,
-        options={k: v for k, v in opts.items() if v is not None},  # the account's defaults join at send time
-        status=SCHEDULED if held else QUEUED,
-        segments=adapter.count_segments(text),
-        idempotency_key=idempotency_key,
-        not_before=not_before,
-        not_after=not_after,
-        due_at=not_before if held else now,
-        attempt_key=str(uuid.uuid4()),
-        created_at=now,
-        enqueued_at=now,
-        updated_at=now,
-    )
+    held = not_before is not None and not_before > now + _HELD_AFTER
+    row["id"] = new_id()
+    row["provider"] = provider
+    row["kind"] = adapter.kind
+    row["to"] = to
+    row["text"] = text
+    row["options"] = {k: v for k, v in opts.items() if v is not None}  # the account's defaults join at send time
+    row["status"] = SCHEDULED if held else QUEUED
+    row["segments"] = adapter.count_segments(text)
+    row["idempotency_key"] = idempotency_key
+    row["not_before"] = not_before
+    row["not_after"] = not_after
+    row["due_at"] = not_before if held else now
+    row["attempt_key"] = new_attempt_key()
+    row["created_at"] = row["enqueued_at"] = row["updated_at"] = now
+    return row
 
 
 def _check_storable(to: Any, text: Any, idempotency_key: Any, options: Mapping[Any, Any]) -> None:
@@ -340,6 +365,7 @@ def _column_defaults() -> dict[str, Any]:
 
 
 _COLUMN_DEFAULTS = _column_defaults()
+_HELD_AFTER = timedelta(seconds=1)  # a not_before further ahead than this waits in the store (scheduled)
 
 
 def _enqueue_or_leave(ids: list[str], batch_size: int = 100) -> None:

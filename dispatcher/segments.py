@@ -20,6 +20,7 @@ _GSM7_ONE = frozenset(GSM7_BASIC)  # one septet each
 
 SINGLE = {"gsm7": 160, "ucs2": 70}
 MULTI = {"gsm7": 153, "ucs2": 67}
+_ALWAYS_ONE = SINGLE["ucs2"] // 2  # characters that fit one part whatever they are (none costs over 2 units)
 
 
 @dataclass(frozen=True)
@@ -75,3 +76,13 @@ def split(text: str) -> Segments:
 
 def count_segments(text: str) -> Segments:
     return split(text)
+
+
+def count(text: str) -> int:
+    """How many parts `text` takes: split(text).count, without splitting a text that fits in one
+    part (the common case; send_many() counts every message's)."""
+    if not text:
+        return 0
+    if len(text) <= _ALWAYS_ONE or (len(text) <= SINGLE["gsm7"] and _GSM7_ONE.issuperset(text)):
+        return 1
+    return split(text).count

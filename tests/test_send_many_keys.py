@@ -190,3 +190,29 @@ def test_messages_stored_in_bulk_read_back_as_given(store):
     assert held.not_before == later and held.not_before.utcoffset() == timedelta(0)
     assert held.not_after == later + timedelta(hours=1)
     assert first.created_at.tzinfo is not None and abs(first.created_at - now) < timedelta(minutes=1)
+
+
+def test_every_column_of_a_bulk_row_reads_back_as_built(store):
+    """Columns send_many() fills that get() does not show: the attempt key (a UUID the provider
+    may see as a request id), the release times, the counters and flags a send starts from."""
+    import uuid
+    from datetime import timedelta
+
+    ids = dispatcher.send_many([
+        {"provider": "alerts", "to": "+14155550123", "text": "€" * 81},
+        {"provider": "alerts", "to": "+14155550124", "text": "😀" * 40, "client_id": "c-2",
+         "variables": {"a": [1, 2.5, None, True]}, "template_id": None},
+    ])
+    with runtime.session() as db:
+        rows = {r.id: r for r in db.execute(select(Message).where(Message.id.in_(ids))).scalars()}
+    for mid in ids:
+        row = rows[mid]
+        assert uuid.UUID(hex=mid).version == 4 and uuid.UUID(hex=mid).hex == mid
+        assert str(uuid.UUID(row.attempt_key)) == row.attempt_key and uuid.UUID(row.attempt_key).version == 4
+        assert row.status == "queued" and row.attempts == 0 and row.key_exposed is False
+        assert row.created_at == row.updated_at == row.enqueued_at == row.due_at
+        assert row.created_at.utcoffset() == timedelta(0)
+        assert row.claimed_by is None and row.started_at is None and row.cost is None and row.campaign_id is None
+    assert rows[ids[0]].segments == 2 and rows[ids[0]].options == {}  # 162 septets: two parts of 153
+    assert rows[ids[1]].segments == 2  # 80 UTF-16 units: two parts of 67
+    assert rows[ids[1]].options == {"client_id": "c-2", "variables": {"a": [1, 2.5, None, True]}}

@@ -46,7 +46,7 @@ import httpx
 
 from ..config import ProviderAccount
 from ..errors import ConfigError, InvalidOption, MissingField, TextTooLong, ValidationError
-from ..segments import count_segments
+from ..segments import count as count_parts
 
 
 # --------------------------------------------------------------------------- bounded strings
@@ -407,7 +407,7 @@ class Adapter:
     # ---- validation (before anything is stored)
     def validate(self, to: str, text: str | None, options: dict[str, Any]) -> None:
         """Raise a ValidationError naming the field; subclasses extend with address rules."""
-        unknown = set(options) - set(self.options)
+        unknown = set(options) - set(self.options) if options else None
         if unknown:
             name = sorted(unknown)[0]
             allowed = ", ".join(sorted(self.options)) or "none"
@@ -425,16 +425,19 @@ class Adapter:
             raise TextTooLong("text", f"at most {self.max_length} characters for kind {self.kind!r}, got {len(text)}")
 
     def merged_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Account defaults with the message's own options on top."""
-        fields = self.account.fields
-        merged = {k: fields[k] for k in self.defaults if fields.get(k) not in (None, "")}
+        """Account defaults with the message's own options on top (a new dict each call)."""
+        defaults = self.__dict__.get("_defaults")
+        if defaults is None:  # the account's fields are read once per adapter, not per message
+            fields = self.account.fields
+            defaults = self.__dict__["_defaults"] = {k: fields[k] for k in self.defaults if fields.get(k) not in (None, "")}
+        merged = dict(defaults)
         for k, v in options.items():
             if v is not None:
                 merged[k] = v
         return merged
 
     def count_segments(self, text: str | None) -> int:
-        return count_segments(text or "").count if text else 0
+        return count_parts(text) if text else 0
 
     # ---- the wire
     def auth(self) -> httpx.Auth | None:

@@ -5,7 +5,7 @@ Times are stored as UTC and always come back timezone-aware (see UTCDateTime).
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -39,8 +39,21 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# A random (version 4) UUID: 122 random bits, the version and variant bits set as RFC 9562 says.
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A new row id: a version 4 UUID as 32 hex digits (what `uuid.uuid4().hex` gives, in half
+    the time: send_many() makes one per message)."""
+    return "%032x" % (int.from_bytes(os.urandom(16), "big") & _UUID4_KEEP | _UUID4_SET)
+
+
+def new_attempt_key() -> str:
+    """A new attempt key: a version 4 UUID in its usual 36-character form (`str(uuid.uuid4())`)."""
+    h = "%032x" % (int.from_bytes(os.urandom(16), "big") & _UUID4_KEEP | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # Statuses (interface.md). FINAL ones never change back.
