@@ -278,6 +278,7 @@ def main() -> None:
         if args.naive_messages > 0:  # --naive-messages 0 skips the slow baseline (quick iterations)
             naive_rate = naive(provider, args.naive_messages, args.workers)
             print(f"naive Celery (prefork, 1 req/task)    {naive_rate:8.1f} msg/s  ({args.naive_messages} messages)")
+        rates: dict[str, float] = {}
         for store in args.stores.split(","):
             url = f"sqlite:///{tempfile.mkdtemp()}/bench.db" if store == "sqlite" else _pg_schema()
             seconds = producer(provider, url, args.messages)
@@ -293,8 +294,12 @@ def main() -> None:
             print(f"    worker RSS at 25/50/75/100 % accepted: {' / '.join(f'{mb:.0f}' for mb in r['rss_quarters'])} MB")
             print(f"    CPU s per 1,000 messages: {per_thousand(r['cpu'], args.messages)}; "
                   f"worker / bare client = {r['cpu']['worker'] / max(bare_cpu['client'], 1e-9):.1f}")
-        print("the bare client again, after (the machine's load moves between runs; compare with the first line):")
-        run_bare(provider, args, "asyncio")
+            rates[store] = r["rate"]
+        after, _ = run_bare(provider, args, "asyncio, again after")
+        # the machine's load moves the bare client's rate by half between runs: both, and their mean
+        for store, rate in rates.items():
+            print(f"ratio ({store:<10}) to the bare client before / after / their mean: "
+                  f"{rate / bare:.2f} / {rate / after:.2f} / {rate / ((bare + after) / 2):.2f}")
 
 
 def run_bare(provider, args, name: str, loop_factory=None) -> tuple[float, dict[str, float]]:  # type: ignore[no-untyped-def]
@@ -310,16 +315,29 @@ def run_bare(provider, args, name: str, loop_factory=None) -> tuple[float, dict[
     return rate, used
 
 
-def _pg_schema() -> str:
-    import sqlalchemy as sa
+_SCHEMAS: list[str] = []  # made by this run, dropped at its end
 
+
+def _pg_schema() -> str:
     schema = f"bench_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    engine.dispose()
+    _pg_admin(f'CREATE SCHEMA "{schema}"')
+    _SCHEMAS.append(schema)
     return f"{PG_URL}?options=-csearch_path%3D{schema}"
 
 
+def _pg_admin(*statements: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if _SCHEMAS:
+            _pg_admin(*(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE' for schema in _SCHEMAS))
