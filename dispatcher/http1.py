@@ -15,7 +15,7 @@ them, so `providers.base.network_outcome` reads them the usual way:
 
 | what happened | raised |
 |---|---|
-| the connection could not be made (DNS, refused, TLS handshake) | httpx.ConnectError |
+| the connection could not be made (DNS, refused, TLS handshake), or closed before the request was written | httpx.ConnectError |
 | ... nor within the connect timeout | httpx.ConnectTimeout |
 | no whole answer within the read timeout (or the request's total bound) | httpx.ReadTimeout |
 | the connection closed, reset or spoke garbage after the request was written | httpx.RemoteProtocolError, httpx.ReadError |
@@ -91,7 +91,12 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}", request=self._request))
 
     def eof_received(self) -> bool:
+        self.closed = True  # closing from now on, though connection_lost comes only at the loop's next turn
         return False  # close the transport: a half-closed connection is of no further use
+
+    def usable(self) -> bool:
+        """Not closed nor closing: a request written now would leave (a closing transport drops it)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -130,14 +135,15 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange
     async def exchange(self, request: httpx.Request, data: bytes, read: float | None, total: float | None) -> Answer:
+        if not self.usable():  # closed by the server before anything was written: provably not sent
+            raise httpx.ConnectError("the connection closed before the request was written", request=request)
         self._waiter = self.loop.create_future()
         self._request, self._read = request, read
         self._last_read = now = self.loop.time()
         self._deadline = None if total is None else now + total
         if read is not None or total is not None:
             self._timer = self.loop.call_at(self._due(), self._check_time)
-        assert self.transport is not None
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr] - usable() saw it
         try:
             return await self._waiter
         finally:
@@ -214,7 +220,7 @@ class Connections:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.loop.time() - conn.idle_since < KEEPALIVE_EXPIRY:
+            if conn.usable() and conn.loop.time() - conn.idle_since < KEEPALIVE_EXPIRY:
                 return conn
             conn._close()
         return None
