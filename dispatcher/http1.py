@@ -81,14 +81,14 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # bytes nobody asked for (an idle connection): not to be trusted again
+        if self._waiter is None or self._waiter.done():  # bytes nobody asked for: not to be trusted again
             self._close()
             return
         self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}", request=self._request))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # an upgrade is not ours to speak
+            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc!r}", request=self._request))
 
     def eof_received(self) -> bool:
         self.closed = True  # closing from now on, though connection_lost comes only at the loop's next turn
@@ -112,6 +112,10 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError("server disconnected before a whole answer", request=self._request))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._waiter is not None and self._waiter.done():  # more than the answer, in the same bytes:
+            self._close()  # its start would be read as the next request's answer
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 

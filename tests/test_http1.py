@@ -27,7 +27,10 @@ async def _serve(answers: list[bytes], close_after: set[int] = frozenset()):  # 
         connections += 1
         mine = connections
         while True:
-            head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            try:
+                head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            except (asyncio.IncompleteReadError, ConnectionError):  # the client closed it
+                break
             if not head:
                 break
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -197,3 +200,34 @@ def test_a_new_connection_closed_before_the_request_is_written_is_a_connect_erro
     monkeypatch.setattr(http1.Connections, "_connect", connect_then_lose)
     on_loop(go())
     assert network_outcome(httpx.ConnectError("x")).code == "connect_error"
+
+
+def test_bytes_after_a_whole_answer_are_never_read_as_the_next_requests_answer():
+    """A server that writes more than its answer (a second, stray answer begun behind the first):
+    the connection is not used again, and the next request gets its own answer."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    stray = b"HTTP/1.1 500 Stray\r\nContent-Length: 12\r\n\r\n"
+    own = b'HTTP/1.1 202 Accepted\r\nContent-Length: 12\r\n\r\n{"ref":"r2"}'
+    responses, seen = _run([ok + stray, own], 2)
+    assert [(r.status_code, r.content) for r in responses] == [(200, b"{}"), (202, b'{"ref":"r2"}')]
+    assert [conn for conn, _ in seen] == [1, 2]
+
+
+def test_a_switch_of_protocols_is_an_ambiguous_protocol_error():
+    """An answer the client cannot speak (101 to an upgrade nobody asked for) fails the request as
+    a protocol error naming it, as any malformed answer does."""
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+
+    async def go():  # type: ignore[no-untyped-def]
+        server, port, _ = await _serve([upgrade])
+        wire = Wire(in_flight=4)
+        try:
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await wire.send(_post(port))
+            return caught.value
+        finally:
+            await wire.aclose()
+            server.close()
+
+    error = asyncio.run(go())
+    assert network_outcome(error).ambiguous
