@@ -675,7 +675,7 @@ async def send_all(
                 started = await starts.start(m.id)
                 if started is not STARTED:
                     return _not_sent(m, started, "its start was not recorded as this claim's")
-            while at - time.monotonic() > 0:  # a loop's timers may wake a little early (uvloop's are whole ms)
+            while at - time.monotonic() > 0:  # uvloop rounds a sleep to the millisecond: it may wake early
                 await asyncio.sleep(at - time.monotonic())
             if slack is not None and time.monotonic() > at + slack:
                 if starts is not None:  # the store was slow to record the start: nothing left, say so first

@@ -15,7 +15,7 @@ them, so `providers.base.network_outcome` reads them the usual way:
 
 | what happened | raised |
 |---|---|
-| the connection could not be made (DNS, refused, TLS handshake) | httpx.ConnectError |
+| the connection could not be made (DNS, refused, TLS handshake), or closed before the request was written | httpx.ConnectError |
 | ... nor within the connect timeout | httpx.ConnectTimeout |
 | no whole answer within the read timeout (or the request's total bound) | httpx.ReadTimeout |
 | the connection closed, reset or spoke garbage after the request was written | httpx.RemoteProtocolError, httpx.ReadError |
@@ -81,17 +81,22 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._waiter is None:  # bytes nobody asked for (an idle connection): not to be trusted again
+        if self._waiter is None or self._waiter.done():  # bytes nobody asked for: not to be trusted again
             self._close()
             return
         self._last_read = self.loop.time()
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}", request=self._request))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # an upgrade is not ours to speak
+            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc!r}", request=self._request))
 
     def eof_received(self) -> bool:
+        self.closed = True  # closing from now on, though connection_lost comes only at the loop's next turn
         return False  # close the transport: a half-closed connection is of no further use
+
+    def usable(self) -> bool:
+        """Not closed nor closing: a request written now would leave (a closing transport drops it)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -107,6 +112,10 @@ class _Connection(asyncio.Protocol):
             self._fail(httpx.RemoteProtocolError("server disconnected before a whole answer", request=self._request))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._waiter is not None and self._waiter.done():  # more than the answer, in the same bytes:
+            self._close()  # its start would be read as the next request's answer
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -130,14 +139,15 @@ class _Connection(asyncio.Protocol):
 
     # -- the exchange
     async def exchange(self, request: httpx.Request, data: bytes, read: float | None, total: float | None) -> Answer:
+        if not self.usable():  # closed by the server before anything was written: provably not sent
+            raise httpx.ConnectError("the connection closed before the request was written", request=request)
         self._waiter = self.loop.create_future()
         self._request, self._read = request, read
         self._last_read = now = self.loop.time()
         self._deadline = None if total is None else now + total
         if read is not None or total is not None:
             self._timer = self.loop.call_at(self._due(), self._check_time)
-        assert self.transport is not None
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr] - usable() saw it
         try:
             return await self._waiter
         finally:
@@ -214,7 +224,7 @@ class Connections:
         idle = self._idle.get(origin)
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.loop.time() - conn.idle_since < KEEPALIVE_EXPIRY:
+            if conn.usable() and conn.loop.time() - conn.idle_since < KEEPALIVE_EXPIRY:
                 return conn
             conn._close()
         return None

@@ -9,6 +9,8 @@ import gzip
 import httpx
 import pytest
 
+from dispatcher import http1, transport
+from dispatcher.providers.base import network_outcome
 from dispatcher.transport import Wire
 
 TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
@@ -25,7 +27,10 @@ async def _serve(answers: list[bytes], close_after: set[int] = frozenset()):  # 
         connections += 1
         mine = connections
         while True:
-            head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            try:
+                head = await reader.readuntil(b"\r\n\r\n") if not reader.at_eof() else b""
+            except (asyncio.IncompleteReadError, ConnectionError):  # the client closed it
+                break
             if not head:
                 break
             length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -112,3 +117,117 @@ def test_an_answer_cut_short_is_an_error_naming_its_request():
 
     error, port = asyncio.run(go())
     assert error.request.url.port == port
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": transport.new_event_loop}  # the worker runs on uvloop
+
+
+@pytest.fixture(params=list(LOOPS))
+def on_loop(request, monkeypatch):
+    """Runs a coroutine to its end on asyncio's loop, then on uvloop's (the worker's)."""
+    monkeypatch.setenv("DISPATCHER_EVENT_LOOP", "uvloop")
+
+    def run(coro):  # type: ignore[no-untyped-def]
+        loop = LOOPS[request.param]()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+
+    return run
+
+
+def test_a_kept_alive_connection_whose_close_has_just_arrived_is_not_written_on(on_loop, monkeypatch):
+    """The server's close of an idle connection and a send's turn come in the same turn of the
+    loop: the send goes on a new connection, not on the closing one (where nothing would be
+    written, and the send would fail as if it may have reached the provider)."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    eof_received = http1._Connection.eof_received
+    sends: list[asyncio.Task] = []
+
+    def close_arrives(conn):  # type: ignore[no-untyped-def]
+        sends.append(asyncio.ensure_future(wire.send(_post(port))))  # its turn comes before connection_lost
+        return eof_received(conn)
+
+    async def go():  # type: ignore[no-untyped-def]
+        nonlocal wire, port
+        server, port, seen = await _serve([ok, ok], close_after={0})
+        wire = Wire(in_flight=4)
+        try:
+            monkeypatch.setattr(http1._Connection, "eof_received", close_arrives)
+            first = await wire.send(_post(port))
+            while not sends:  # the server's close arrives
+                await asyncio.sleep(0)
+            monkeypatch.setattr(http1._Connection, "eof_received", eof_received)
+            second = await sends[0]
+            return [first.status_code, second.status_code], seen
+        finally:
+            await wire.aclose()
+            server.close()
+
+    wire = port = None
+    statuses, seen = on_loop(go())
+    assert statuses == [200, 200]
+    assert [conn for conn, _ in seen] == [1, 2]
+
+
+def test_a_new_connection_closed_before_the_request_is_written_is_a_connect_error(on_loop, monkeypatch):
+    """Nothing was written: httpx.ConnectError (sent again with a fresh key), at once; not a
+    RuntimeError from the closed transport (settled `unknown`) nor a wait for the read timeout."""
+    connect = http1.Connections._connect
+
+    async def connect_then_lose(self, origin, request, timeout):  # type: ignore[no-untyped-def]
+        conn = await connect(self, origin, request, timeout)
+        while not conn.closed:  # the server's close arrives before the request is written
+            await asyncio.sleep(0)
+        return conn
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def go():  # type: ignore[no-untyped-def]
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        wire = Wire(in_flight=4)
+        request = _post(server.sockets[0].getsockname()[1])
+        request.extensions["timeout"] = {**TIMEOUT, "read": 60.0}
+        try:
+            with pytest.raises(httpx.ConnectError):
+                await asyncio.wait_for(wire.send(request), 10.0)
+        finally:
+            await wire.aclose()
+            server.close()
+
+    monkeypatch.setattr(http1.Connections, "_connect", connect_then_lose)
+    on_loop(go())
+    assert network_outcome(httpx.ConnectError("x")).code == "connect_error"
+
+
+def test_bytes_after_a_whole_answer_are_never_read_as_the_next_requests_answer():
+    """A server that writes more than its answer (a second, stray answer begun behind the first):
+    the connection is not used again, and the next request gets its own answer."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    stray = b"HTTP/1.1 500 Stray\r\nContent-Length: 12\r\n\r\n"
+    own = b'HTTP/1.1 202 Accepted\r\nContent-Length: 12\r\n\r\n{"ref":"r2"}'
+    responses, seen = _run([ok + stray, own], 2)
+    assert [(r.status_code, r.content) for r in responses] == [(200, b"{}"), (202, b'{"ref":"r2"}')]
+    assert [conn for conn, _ in seen] == [1, 2]
+
+
+def test_a_switch_of_protocols_is_an_ambiguous_protocol_error():
+    """An answer the client cannot speak (101 to an upgrade nobody asked for) fails the request as
+    a protocol error naming it, as any malformed answer does."""
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+
+    async def go():  # type: ignore[no-untyped-def]
+        server, port, _ = await _serve([upgrade])
+        wire = Wire(in_flight=4)
+        try:
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await wire.send(_post(port))
+            return caught.value
+        finally:
+            await wire.aclose()
+            server.close()
+
+    error = asyncio.run(go())
+    assert network_outcome(error).ambiguous

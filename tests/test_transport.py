@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 from dispatcher.transport import LoopThread
 
@@ -72,3 +74,36 @@ def test_room_waits_for_the_whole_batch_then_takes_what_there_is():
         assert time.monotonic() - started >= 0.2 and loop.busy("acct") == 10
     finally:
         loop.close()
+
+
+def test_a_send_never_goes_before_its_reserved_instant_on_the_worker_s_loop(monkeypatch):
+    """The rate limiter's margin assumes a request leaves at or after its slot, never before.
+    The worker's loop (uvloop) rounds a sleep to the nearest millisecond and wakes up to half of
+    one early; each send must still wait for its own instant, by time.monotonic()."""
+    from dispatcher import dispatch
+
+    gone: dict[str, float] = {}
+
+    class Adapter:
+        idempotent_retry = True  # its start is recorded MARK_LEAD ahead, then it sleeps to the slot itself
+
+        def merged_options(self, options: dict) -> dict:
+            return options
+
+        async def send(self, client, msg):  # type: ignore[no-untyped-def]
+            gone[msg.id] = time.monotonic()
+            return msg.id
+
+    loop = LoopThread(in_flight=200)
+    monkeypatch.setattr(dispatch.transport, "process_loop", lambda *a: loop)
+    monkeypatch.setattr(dispatch.runtime, "adapter_for", lambda account: Adapter())
+    messages = [SimpleNamespace(id=str(n), provider="acct", to="+14155550123", text="hi", options={}, not_before=None,
+                                not_after=None, attempt_key=str(n), provider_ref=None) for n in range(150)]
+    try:
+        start = time.monotonic() + 0.05
+        send_at = {m.id: dispatch.Slot(start + n * 0.00137, slack=1.0) for n, m in enumerate(messages)}
+        loop.run(lambda: dispatch.send_all(messages, send_at))  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    early = {mid: send_at[mid].at - t for mid, t in gone.items() if t < send_at[mid].at}
+    assert len(gone) == len(messages) and not early
