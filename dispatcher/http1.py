@@ -138,14 +138,17 @@ class _Connection(asyncio.Protocol):
         self._finish(keep=self._parser.should_keep_alive())
 
     # -- the exchange
-    async def exchange(self, request: httpx.Request, data: bytes, read: float | None, total: float | None) -> Answer:
+    async def exchange(self, request: httpx.Request, data: bytes, read: float | None, deadline: float | None
+                       ) -> Answer:
+        """Write `data` and wait for its whole answer: `read` seconds at most between bytes of it,
+        and nothing past `deadline` (loop time), when given."""
         if not self.usable():  # closed by the server before anything was written: provably not sent
             raise httpx.ConnectError("the connection closed before the request was written", request=request)
         self._waiter = self.loop.create_future()
         self._request, self._read = request, read
-        self._last_read = now = self.loop.time()
-        self._deadline = None if total is None else now + total
-        if read is not None or total is not None:
+        self._last_read = self.loop.time()
+        self._deadline = deadline
+        if read is not None or deadline is not None:
             self._timer = self.loop.call_at(self._due(), self._check_time)
         self.transport.write(data)  # type: ignore[union-attr] - usable() saw it
         try:
@@ -204,20 +207,26 @@ class Connections:
         url = request.url
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         data = _encode(request)
-        read = timeout.get("read")
-        total = None if read is None else (timeout.get("connect") or 0.0) + read
-        conn = self._reuse(origin) or await self._connect(origin, request, timeout.get("connect"))
+        read, connect = timeout.get("read"), timeout.get("connect")
+        loop = asyncio.get_running_loop()
+        deadline = None if read is None else loop.time() + (connect or 0.0) + read  # the whole request, connect included
+        conn = self._reuse(origin) or await self._connect(origin, request, connect)
         self._busy.add(conn)
         try:
-            answer = await conn.exchange(request, data, read, total)
+            answer = await conn.exchange(request, data, read, deadline)
         except BaseException:
             conn._close()  # whatever happened (a cancel included), its state is unknown: not reused
             raise
         finally:
             self._busy.discard(conn)
-        if not conn.closed:
-            conn.idle_since = conn.loop.time()
-            self._idle.setdefault(origin, []).append(conn)
+        if conn.closed or conn.transport.get_write_buffer_size():  # type: ignore[union-attr]
+            conn._close()  # (an answer that came before the whole request was written: not reusable)
+            return answer
+        conn.idle_since = now = loop.time()
+        idle = self._idle.setdefault(origin, [])
+        while idle and now - idle[0].idle_since >= KEEPALIVE_EXPIRY:  # the oldest, unused since a spike
+            idle.pop(0)._close()
+        idle.append(conn)
         return answer
 
     def _reuse(self, origin: _Origin) -> _Connection | None:
