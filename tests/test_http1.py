@@ -16,6 +16,21 @@ from dispatcher.transport import Wire
 TIMEOUT = {"connect": 2.0, "read": 2.0, "write": 2.0, "pool": 2.0}
 
 
+_HANDLERS: set[asyncio.Task] = set()  # the raw server's connection handlers, waited for at its stop
+
+
+async def _stop(server: asyncio.AbstractServer) -> None:
+    """Close the raw server and let its handlers see their connections end (the Wire closed its
+    side first), so that none is left pending when the test's loop closes."""
+    server.close()
+    handlers = [t for t in _HANDLERS if not t.done()]
+    _HANDLERS.clear()
+    if handlers:
+        _, pending = await asyncio.wait(handlers, timeout=2.0)
+        for task in pending:
+            task.cancel()
+
+
 async def _serve(answers: list[bytes], close_after: set[int] = frozenset()):  # type: ignore[no-untyped-def]
     """A raw server answering the n-th request it reads with answers[n] (then closing the
     connection when n is in `close_after`); returns the server, its port and what it saw."""
@@ -24,6 +39,7 @@ async def _serve(answers: list[bytes], close_after: set[int] = frozenset()):  # 
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
+        _HANDLERS.add(asyncio.current_task())  # type: ignore[arg-type]
         connections += 1
         mine = connections
         while True:
@@ -63,7 +79,7 @@ def _run(answers: list[bytes], requests: int, close_after: set[int] = frozenset(
             responses = [await wire.send(_post(port)) for _ in range(requests)]
         finally:
             await wire.aclose()
-            server.close()
+            await _stop(server)
         return responses, seen
 
     return asyncio.run(go())
@@ -113,7 +129,7 @@ def test_an_answer_cut_short_is_an_error_naming_its_request():
             return caught.value, port
         finally:
             await wire.aclose()
-            server.close()
+            await _stop(server)
 
     error, port = asyncio.run(go())
     assert error.request.url.port == port
@@ -163,7 +179,7 @@ def test_a_kept_alive_connection_whose_close_has_just_arrived_is_not_written_on(
             return [first.status_code, second.status_code], seen
         finally:
             await wire.aclose()
-            server.close()
+            await _stop(server)
 
     wire = port = None
     statuses, seen = on_loop(go())
@@ -195,7 +211,7 @@ def test_a_new_connection_closed_before_the_request_is_written_is_a_connect_erro
                 await asyncio.wait_for(wire.send(request), 10.0)
         finally:
             await wire.aclose()
-            server.close()
+            await _stop(server)
 
     monkeypatch.setattr(http1.Connections, "_connect", connect_then_lose)
     on_loop(go())
@@ -227,7 +243,7 @@ def test_a_switch_of_protocols_is_an_ambiguous_protocol_error():
             return caught.value
         finally:
             await wire.aclose()
-            server.close()
+            await _stop(server)
 
     error = asyncio.run(go())
     assert network_outcome(error).ambiguous
