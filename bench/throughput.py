@@ -39,6 +39,7 @@ PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR")  # set: py-spy records each wo
 PROFILE_ARGS = os.environ.get("BENCH_PROFILE_ARGS", "").split()  # more py-spy options, e.g. --gil (CPU only)
 PG_URL = os.environ.get("DISPATCHER_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BATCH = int(os.environ.get("BENCH_BATCH", "200"))  # ids per dispatch task
+CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "8"))  # task threads per worker process (the default)
 BODY = {"to": "+14155550123", "from": "BENCH", "message": "hello"}
 
 
@@ -149,7 +150,7 @@ def pipeline(provider, store_url: str, count: int, workers: int, in_flight: int 
     os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=store_url)
     runtime.configure(None)
     upgrade(store_url)
-    with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=16) as procs:
+    with WorkerProcesses(count=workers, env=dict(os.environ), concurrency=CONCURRENCY) as procs:
         time.sleep(3)  # let the workers connect before the clock starts
         meter = CpuMeter({"worker": [p.pid for p in procs.procs], "mock": [provider.proc.pid]}, SHARED).start()
         spies = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "100", "-f", "raw",

@@ -19,8 +19,12 @@ duplicates cheap and its losses short:
   dead worker's unacknowledged tasks come back only after this hour; the store does not wait
   for them: the reaper publishes that worker's queued messages again as soon as its heartbeat
   stops (recovery.py), and the second delivery claims nothing.
-* worker_prefetch_multiplier 2 (x 16 threads): tasks take milliseconds, so a small prefetch
+* worker_prefetch_multiplier 2 (x 8 threads): tasks take milliseconds, so a small prefetch
   keeps threads fed; what a killed worker had prefetched is published again as above.
+* worker_concurrency 8: a task only claims and hands its sends to the process's event loop,
+  so a few threads keep it fed; more only contend for the GIL with the loop. Against 16, one
+  worker sent 3-12 % more per second with 10-20 % less CPU a message (bench/throughput.py with
+  BENCH_CONCURRENCY, docs/throughput.md). `dispatcher worker -c N` sets another.
 * Time limits: none. The threads pool cannot enforce them; instead every wait inside a task is
   bounded: room in the process (2 s), rate-limit slots (`throttle_wait`), each request (the
   account's `timeout`), the record (dispatch.RECORD_PATIENCE).
@@ -56,7 +60,7 @@ def create_app(prefix: str | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_pool="threads",
-        worker_concurrency=16,
+        worker_concurrency=8,
         worker_prefetch_multiplier=2,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,

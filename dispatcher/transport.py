@@ -254,7 +254,7 @@ class LoopThread:
 
     def _give_back(self, account: str, count: int) -> None:
         """Room comes back (often one message at a time): the waiting tasks are woken only once
-        one of them can go, not at every message (16 threads woken 200 times a batch)."""
+        one of them can go, not at every message (every task thread woken 200 times a batch)."""
         with self._lock:
             self._busy[account] -= count
             needs = self._needs.get(account)
