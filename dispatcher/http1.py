@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._waiter is None or self._waiter.done():
             return
-        if self._status and self._until_eof:
+        if self._status and self._until_eof and exc is None:  # a clean close ends such a body; a reset cuts it
             self._finish(keep=False)
         elif exc is not None:
             error = httpx.ReadError(f"connection lost: {type(exc).__name__}: {exc}", request=self._request)

@@ -135,6 +135,35 @@ def test_an_answer_cut_short_is_an_error_naming_its_request():
     assert error.request.url.port == port
 
 
+def test_an_answer_ending_at_the_close_but_cut_by_a_reset_is_an_error_not_a_whole_answer(on_loop):
+    """A body delimited by the connection's close is whole only at a clean close: a reset means
+    the rest was lost, and the send is ambiguous, not read from half an answer."""
+    import socket
+    import struct
+
+    async def reset_after_half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"trackingId":')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+
+    async def go():  # type: ignore[no-untyped-def]
+        server = await asyncio.start_server(reset_after_half, "127.0.0.1", 0)
+        wire = Wire(in_flight=4)
+        try:
+            with pytest.raises(httpx.ReadError) as caught:
+                await wire.send(_post(server.sockets[0].getsockname()[1]))
+            return caught.value
+        finally:
+            await wire.aclose()
+            await _stop(server)
+
+    outcome = network_outcome(on_loop(go()))
+    assert (outcome.code, outcome.ambiguous) == ("network_error", True)
+
+
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": transport.new_event_loop}  # the worker runs on uvloop
 
 
