@@ -252,6 +252,8 @@ class Starts:
 
     def __init__(self, url: str, token: str, clock: Callable[[], datetime]) -> None:
         self.url, self.token, self.clock = url, token, clock
+        self._deadlines: dict[str, float] = {}  # message id -> the latest its request may go (monotonic)
+        self._late: set[str] = set()  # ids a write found past their deadline: no start recorded
         if is_sqlite(url):  # through a thread: SQLite's writes queue on its lock
             # one write at a time: concurrent ones would only queue on the lock, each slower, and a
             # start recorded late is taken back (the slot missed): more "may have started" gaps
@@ -259,17 +261,41 @@ class Starts:
         else:  # from the loop itself (store/loopstarts.py)
             self._marks, self._unmarks = _Coalesced(self._mark_here), _Coalesced(self._unmark_here)
 
-    async def start(self, message_id: str) -> object:
-        """STARTED, NOT_OURS (the claim moved on, or its campaign stopped and it was handed back)
-        or NOT_STARTED (the store was unreachable)."""
-        return await self._marks.submit(message_id, STARTED)
+    async def start(self, message_id: str, deadline: float | None = None) -> object:
+        """STARTED, NOT_OURS (the claim moved on, or its campaign stopped and it was handed back),
+        NOT_STARTED (the store was unreachable) or MISSED_SLOT (the write came too late).
+
+        `deadline` (time.monotonic()) is the latest its request may go: the write checks it once
+        it holds the store (on SQLite, after waiting for the lock) and records no start past it.
+        A start recorded and only then found late has to be taken back by a second write, and a
+        worker killed in between leaves a claim that "may have started" though nothing went."""
+        if deadline is not None:
+            self._deadlines[message_id] = deadline
+        try:
+            answer = await self._marks.submit(message_id, STARTED)
+        finally:
+            self._deadlines.pop(message_id, None)
+        if message_id in self._late:
+            self._late.discard(message_id)
+            return MISSED_SLOT
+        return answer
+
+    def _in_time(self, ids: list[str]) -> list[str]:
+        """The ids whose deadline has not passed; the others are noted late (start() says so)."""
+        now = time.monotonic()
+        late = [i for i in ids if self._deadlines.get(i, math.inf) < now]
+        if not late:
+            return ids
+        self._late.update(late)
+        return [i for i in ids if i not in self._late]
 
     async def unstart(self, message_id: str) -> None:
         await self._unmarks.submit(message_id, STARTED)
 
     def _mark(self, ids: list[str]) -> set[str]:
-        now = self.clock()
-        with connection_scope(self.url, autocommit=True) as db:
+        with connection_scope(self.url, autocommit=True) as db:  # SQLite: the lock is held from here
+            now = self.clock()
+            ids = self._in_time(ids)
             ours = queries.mark_started(db, ids, self.token, now)
         if len(ours) < len(ids):
             self._hand_back_stopped([i for i in ids if i not in ours], now)
@@ -281,6 +307,9 @@ class Starts:
 
     async def _mark_here(self, ids: list[str]) -> set[str]:
         now = self.clock()
+        ids = self._in_time(ids)
+        if not ids:
+            return set()
         ours = await self._writer().mark_started(ids, self.token, now)
         if len(ours) < len(ids):
             await asyncio.to_thread(self._hand_back_stopped, [i for i in ids if i not in ours], now)
@@ -672,7 +701,7 @@ async def send_all(
             if slack is not None and time.monotonic() > at + slack:
                 return _not_sent(m, MISSED_SLOT, f"it woke {time.monotonic() - at:.3f}s after its rate-limit slot")
             if starts is not None:
-                started = await starts.start(m.id)
+                started = await starts.start(m.id, None if slack is None else at + slack)
                 if started is not STARTED:
                     return _not_sent(m, started, "its start was not recorded as this claim's")
             while at - time.monotonic() > 0:  # uvloop rounds a sleep to the millisecond: it may wake early

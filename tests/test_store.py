@@ -432,3 +432,44 @@ def test_a_start_refused_for_a_paused_campaign_hands_that_message_back_and_start
 
     assert transport.process_loop().run(both) == [dispatch.STARTED, dispatch.NOT_OURS]
     assert (_status(store_url, single), _status(store_url, of_campaign)) == ("sending", "queued")
+
+
+def test_a_start_whose_write_waited_past_the_slot_is_not_recorded_at_all(tmp_path):
+    """The start write waited for SQLite's lock until its request's slot had passed: no start is
+    recorded (the message is handed back as never started, and a kill meanwhile cannot leave it
+    "may have started"), rather than recorded and then taken back by a second write."""
+    import sqlite3
+    import threading
+    import time
+
+    from dispatcher import dispatch, transport
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    upgrade(url)
+    [mid] = _add(url, 1)
+    with session_scope(url) as db:
+        queries.claim(db, [mid], utcnow(), TOKEN, "w1")
+    starts = dispatch.Starts(url, TOKEN, utcnow)
+    locker = sqlite3.connect(tmp_path / "store.db", isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    deadline = time.monotonic() + 0.2
+
+    def release_after_the_deadline() -> None:
+        while time.monotonic() <= deadline + 0.05:
+            time.sleep(0.01)
+        locker.execute("COMMIT")
+
+    releaser = threading.Thread(target=release_after_the_deadline)
+    releaser.start()
+
+    async def start():  # type: ignore[no-untyped-def]
+        return await starts.start(mid, deadline)
+
+    try:
+        assert transport.process_loop().run(start) is dispatch.MISSED_SLOT
+    finally:
+        releaser.join()
+        locker.close()
+    with session_scope(url) as db:
+        m = queries.get_message(db, mid)
+    assert (m.status, m.started_at) == ("sending", None)  # still this claim's, never started: handed back by the record
