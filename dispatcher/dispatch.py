@@ -283,11 +283,11 @@ class Starts:
     def _in_time(self, ids: list[str]) -> list[str]:
         """The ids whose deadline has not passed; the others are noted late (start() says so)."""
         now = time.monotonic()
-        late = [i for i in ids if self._deadlines.get(i, math.inf) < now]
+        late = {i for i in ids if self._deadlines.get(i, math.inf) < now}
         if not late:
             return ids
-        self._late.update(late)
-        return [i for i in ids if i not in self._late]
+        self._late |= late
+        return [i for i in ids if i not in late]
 
     async def unstart(self, message_id: str) -> None:
         await self._unmarks.submit(message_id, STARTED)

@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from typing import Any, Callable, Coroutine, TypeVar
 
-import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -71,7 +70,7 @@ class Wire:
     Accept-Encoding headers it lacks.
     """
 
-    def __init__(self, in_flight: int = 256, timeout: float = 60.0) -> None:
+    def __init__(self, timeout: float = 60.0) -> None:  # connections are bounded by the request slots
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, 5.0))  # the cap Adapter.timeouts reads
         self._default_timeout = self.timeout.as_dict()
         self._connections = http1.Connections()
@@ -199,7 +198,7 @@ class LoopThread:
     def wire(self) -> Wire:
         """The sends' Wire; call only from coroutines running on this loop."""
         if self._wire is None:
-            self._wire = Wire(self.in_flight)
+            self._wire = Wire()
         return self._wire
 
     def request_slot(self, account: str) -> asyncio.Semaphore:

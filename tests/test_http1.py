@@ -74,7 +74,7 @@ def _post(port: int, body: bytes = b'{"to":"+14155550123"}') -> httpx.Request:
 def _run(answers: list[bytes], requests: int, close_after: set[int] = frozenset()):  # type: ignore[no-untyped-def]
     async def go():  # type: ignore[no-untyped-def]
         server, port, seen = await _serve(answers, close_after)
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             responses = [await wire.send(_post(port)) for _ in range(requests)]
         finally:
@@ -122,7 +122,7 @@ def test_an_answer_cut_short_is_an_error_naming_its_request():
 
     async def go():  # type: ignore[no-untyped-def]
         server, port, _ = await _serve([cut], close_after={0})
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             with pytest.raises(httpx.RemoteProtocolError) as caught:
                 await wire.send(_post(port))
@@ -151,7 +151,7 @@ def test_an_answer_ending_at_the_close_but_cut_by_a_reset_is_an_error_not_a_whol
 
     async def go():  # type: ignore[no-untyped-def]
         server = await asyncio.start_server(reset_after_half, "127.0.0.1", 0)
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             with pytest.raises(httpx.ReadError) as caught:
                 await wire.send(_post(server.sockets[0].getsockname()[1]))
@@ -197,7 +197,7 @@ def test_a_kept_alive_connection_whose_close_has_just_arrived_is_not_written_on(
     async def go():  # type: ignore[no-untyped-def]
         nonlocal wire, port
         server, port, seen = await _serve([ok, ok], close_after={0})
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             monkeypatch.setattr(http1._Connection, "eof_received", close_arrives)
             first = await wire.send(_post(port))
@@ -232,7 +232,7 @@ def test_a_new_connection_closed_before_the_request_is_written_is_a_connect_erro
 
     async def go():  # type: ignore[no-untyped-def]
         server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
-        wire = Wire(in_flight=4)
+        wire = Wire()
         request = _post(server.sockets[0].getsockname()[1])
         request.extensions["timeout"] = {**TIMEOUT, "read": 60.0}
         try:
@@ -265,7 +265,7 @@ def test_a_switch_of_protocols_is_an_ambiguous_protocol_error():
 
     async def go():  # type: ignore[no-untyped-def]
         server, port, _ = await _serve([upgrade])
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             with pytest.raises(httpx.RemoteProtocolError) as caught:
                 await wire.send(_post(port))

@@ -46,7 +46,7 @@ def message(kind: str, text: str = "hello") -> OutboundMessage:
                            attempt_key=str(uuid.uuid4()))
 
 
-CLIENTS = {"wire": Wire, "httpx": make_client}  # what sends go over; what polls, cancels and look-ups go over
+CLIENTS = {"wire": lambda in_flight, timeout: Wire(timeout), "httpx": make_client}  # what sends go over; what polls, cancels and look-ups go over
 _client = make_client  # the one a test uses (the `over` fixture)
 
 

@@ -41,7 +41,7 @@ def test_the_provider_receives_the_exact_bytes_the_auth_signed_and_the_parser_ge
         return web.json_response({"trackingId": "t-1"}, headers={"x-ratelimit-remaining": "7"})
 
     async def send(base: str) -> httpx.Response:
-        wire = Wire(in_flight=4)
+        wire = Wire()
         try:
             request = httpx.Request("POST", base + "/sms", content=b'{"to":"+14155550123","message":"h\\u00e9"}',
                                     headers={"content-type": "application/json"})
@@ -60,7 +60,7 @@ def test_a_refused_connection_is_known_unsent_and_names_its_request():
     port = _free_port()  # nothing listens there
 
     async def send() -> BaseException:
-        wire = Wire(in_flight=4)
+        wire = Wire()
         request = httpx.Request("POST", f"http://127.0.0.1:{port}/sms", content=b"{}")
         try:
             await wire.send(request)
