@@ -7,7 +7,8 @@ The send path's statements (`waiting`, `claim`, `mark_started`, `record`) are bu
 dialect and take their ids as one parameter (`= ANY(array)` on PostgreSQL, `json_each` on
 SQLite), never as an `IN (...)` expanded into hundreds of bound parameters: SQLAlchemy compiles
 each once, and psycopg parses and server-side prepares the same short SQL at every batch
-(docs/throughput.md).
+(docs/throughput.md). They find their rows by id alone: the status they check is written so
+that no index on it can be chosen (`_status_in`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def _dialect(db: Any) -> str:
 def _id_list(db: Any, ids: Sequence[str]) -> tuple[str, Any]:
     """(dialect, the `ids` parameter of a statement built by `_among`)."""
     dialect = _dialect(db)
-    return dialect, (list(ids) if dialect == "postgresql" else json.dumps(list(ids)))
+    return dialect, _id_list_value(dialect, ids)
+
+
+def _id_list_value(dialect: str, ids: Sequence[str]) -> Any:
+    return list(ids) if dialect == "postgresql" else json.dumps(list(ids))
 
 
 def _among(dialect: str) -> Any:
@@ -54,6 +59,20 @@ def _among(dialect: str) -> Any:
     if dialect == "postgresql":
         return M.c.id == any_(bindparam("ids", type_=ARRAY(String)))
     return M.c.id.in_(select(literal_column("value")).select_from(func.json_each(bindparam("ids", type_=String))))
+
+
+def _status_in(*statuses: str) -> Any:
+    """`messages.status` is one of `statuses`, as a check on rows found by id, never a way to find them.
+
+    Beside an id list, a plain `status = 'queued'` let the planner (PostgreSQL's and SQLite's
+    alike) read every queued message through the status index and keep the batch's 200: it
+    believes a status rare until statistics say otherwise, and a burst of queued messages comes
+    before they do. Every claim then cost as much as the whole queue (50 ms of database CPU per
+    200 behind 10,000, docs/throughput.md). No index covers `coalesce(status, '')`, which is
+    `status` itself since the column is NOT NULL, so the primary key is the only way in.
+    """
+    checked = func.coalesce(M.c.status, literal_column("''"))
+    return or_(*(checked == status for status in statuses))
 
 
 _statements: dict[tuple[str, str], Any] = {}
@@ -141,7 +160,7 @@ def waiting(session: Session, ids: Sequence[str]) -> list[Any]:
 def _waiting(dialect: str) -> Any:
     return (
         select(M.c.id, M.c.provider, M.c.status, M.c.not_after)
-        .where(_among(dialect), M.c.status.in_([SCHEDULED, QUEUED]))
+        .where(_among(dialect), _status_in(SCHEDULED, QUEUED))
         .order_by(M.c.created_at, M.c.id)
     )
 
@@ -173,7 +192,7 @@ def _claim(dialect: str) -> Any:
         update(M)
         .where(
             _among(dialect),
-            M.c.status == QUEUED,
+            _status_in(QUEUED),
             or_(M.c.due_at.is_(None), M.c.due_at <= now),
             or_(M.c.not_after.is_(None), M.c.not_after >= now),
             # a campaign's message goes only while its campaign runs: paused / cancelled take hold here
@@ -208,7 +227,7 @@ def mark_started(session: Session, ids: Sequence[str], token: str, now: datetime
 def _mark_started(dialect: str) -> Any:
     return (
         update(M)
-        .where(_among(dialect), M.c.status == SENDING, M.c.claim_token == bindparam("token", type_=String()),
+        .where(_among(dialect), _status_in(SENDING), M.c.claim_token == bindparam("token", type_=String()),
                or_(M.c.campaign_id.is_(None), M.c.campaign_id.in_(running_campaigns())))
         .values(started_at=bindparam("now", type_=UTCDateTime()))
         .returning(M.c.id)
@@ -218,7 +237,7 @@ def _mark_started(dialect: str) -> Any:
 def _unmark_started(dialect: str) -> Any:
     return (
         update(M)
-        .where(_among(dialect), M.c.status == SENDING, M.c.claim_token == bindparam("token", type_=String()))
+        .where(_among(dialect), _status_in(SENDING), M.c.claim_token == bindparam("token", type_=String()))
         .values(started_at=bindparam("now", type_=UTCDateTime()))
         .returning(M.c.id)
     )
@@ -232,7 +251,7 @@ def hand_back(session: Session, ids: Sequence[str], token: str | None, now: date
     claim whose start is still not recorded. Returns the ids moved."""
     if not ids:
         return []
-    cond = and_(M.c.id.in_(list(ids)), M.c.status == SENDING)
+    cond = and_(M.c.id.in_(list(ids)), _status_in(SENDING))
     if token is not None:
         cond = and_(cond, M.c.claim_token == token)
     if unstarted_only:
