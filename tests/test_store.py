@@ -505,7 +505,7 @@ def _rows_read(node: dict) -> int:
     return here + sum(_rows_read(child) for child in node.get("Plans", []))
 
 
-@pytest.mark.parametrize("statement", ["waiting", "claim", "mark_started"])
+@pytest.mark.parametrize("statement", ["waiting", "claim", "mark_started", "record"])
 def test_the_send_path_finds_a_batch_by_id_not_by_reading_the_queue(store_url, statement):
     """30,000 messages queued, 5,000 in flight, and a batch of 200 in a table no statistics describe
     yet: the send path's statements read about the batch's rows, not the queue's. Through the
@@ -519,11 +519,13 @@ def test_the_send_path_finds_a_batch_by_id_not_by_reading_the_queue(store_url, s
     batch = [r["id"] for r in rows[10_000:10_200]]
     with session_scope(store_url) as db:
         queries.claim(db, [r["id"] for r in rows[:5_000]], now, "earlier", "worker-1")
-        if statement == "mark_started":
+        if statement in ("mark_started", "record"):
             queries.claim(db, batch, now, TOKEN, "worker-1")
+    outcomes = [_settlement(mid, now, status="accepted", provider_ref=f"ref-{mid}", accepted_at=now) for mid in batch]
     run = {"waiting": lambda db: queries.waiting(db, batch),
            "claim": lambda db: queries.claim(db, batch, now, TOKEN, "worker-1"),
-           "mark_started": lambda db: queries.mark_started(db, batch, TOKEN, now)}[statement]
+           "mark_started": lambda db: queries.mark_started(db, batch, TOKEN, now),
+           "record": lambda db: [1] * queries.record(db, outcomes)}[statement]
     with session_scope(store_url) as db:
         if db.get_bind().dialect.name == "postgresql":
             db.connection().exec_driver_sql("LOAD 'auto_explain'")
@@ -531,9 +533,11 @@ def test_the_send_path_finds_a_batch_by_id_not_by_reading_the_queue(store_url, s
                 assert len(run(db)) == len(batch)
             assert plans and _rows_read(plans[0]) <= 2 * len(batch)
         else:  # SQLite tells its plan, not what it read: messages must be searched by id
-            stmt = {"waiting": queries._waiting, "claim": queries._claim, "mark_started": queries._mark_started}[statement]("sqlite")
+            stmt = {"waiting": queries._waiting, "claim": queries._claim, "mark_started": queries._mark_started,
+                    "record": lambda _: queries._RECORD}[statement]("sqlite")
             compiled = stmt.compile(dialect=db.get_bind().dialect)
-            params = {"ids": queries._id_list_value("sqlite", batch), "now": now, "token": TOKEN, "worker": "worker-1"}
+            params = {"ids": queries._id_list_value("sqlite", batch), "now": now, "token": TOKEN, "worker": "worker-1",
+                      "b_id": batch[0], "b_claim": TOKEN, **{f"b_{c}": v for c, v in outcomes[0].values.items()}}
             args = tuple(compiled.construct_params(params)[name] for name in compiled.positiontup)
             plan = [row[3] for row in db.connection().exec_driver_sql("EXPLAIN QUERY PLAN " + compiled.string, args)]
             on_messages = [step for step in plan if " messages " in f" {step} "]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import String, and_, any_, bindparam, func, insert, literal_column, or_, select, update
+from sqlalchemy import Boolean, Float, Integer, String, TypeDecorator, and_, any_, bindparam, func, insert, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -292,20 +292,27 @@ _RECORD = (
 
 
 def record(session: Session, settlements: Iterable[Settlement]) -> int:
-    """Apply settlements of `sending` messages in one executemany; returns rows changed.
+    """Apply settlements of `sending` messages, attempts included; returns message rows changed.
 
     The WHERE guard (still `sending`, still the same claim) keeps a message settled elsewhere
     (the reaper, a cancel) or claimed again since from being overwritten by a late result.
-    An executemany (psycopg 3 pipelines it: one round trip) costs the worker a tenth of the CPU
-    of one `UPDATE ... FROM (VALUES ...)` statement holding the whole batch, whose 3,000 bound
-    parameters SQLAlchemy and psycopg build, compile and parse anew for every batch (9 ms
-    against 50-95 ms per 200 messages, docs "Throughput"); and the workers' CPU, not the
-    database, is what runs out first on a small machine. Both executemany go straight to the
-    driver (`_executemany`).
+
+    On PostgreSQL the batch travels as one JSON parameter of two statements (`_Batch`); on
+    SQLite, whose driver runs an executemany in C, as an executemany on the driver (`_Many`).
+    Both cost a fraction of what SQLAlchemy's own handling of a few thousand bound parameters
+    cost (docs/throughput.md), and the workers' CPU is what runs out first on a small machine.
     """
     settlements = list(settlements)
     if not settlements:
         return 0
+    attempts = [s.attempt for s in settlements if s.attempt is not None]
+    if _dialect(session) == "postgresql":
+        conn = session.connection() if isinstance(session, Session) else session
+        changed = _SETTLE_BATCH.run(conn, ([s.message_id, s.claim_token, *map(s.values.__getitem__, _SETTLE_COLUMNS)]
+                                           for s in settlements))
+        if attempts:
+            _ATTEMPT_BATCH.run(conn, ([a.get(c, _ATTEMPT_DEFAULTS[c]) for c in _ATTEMPT_COLUMNS] for a in attempts))
+        return changed
     params = []
     for s in settlements:
         values = s.values
@@ -314,10 +321,75 @@ def record(session: Session, settlements: Iterable[Settlement]) -> int:
             p["b_" + c] = values[c]
         params.append(p)
     changed = _executemany(session, "record", _RECORD, params)
-    attempts = [s.attempt for s in settlements if s.attempt is not None]
-    if attempts:  # an executemany too: a multi-row INSERT ... VALUES is compiled anew per batch
+    if attempts:
         _executemany(session, "attempts", _ATTEMPTS, attempts)
     return changed
+
+
+class _Batch:
+    """One PostgreSQL statement that takes a whole batch of rows as one JSON array of arrays,
+    each row's values in the order of `columns`: the client dumps the batch with the json
+    module's C encoder, the server parses it once, and one plan does the batch's work (a
+    pipelined executemany cost the worker twice the CPU and the server a statement per row).
+
+    `template` holds `{rows}`, a row source with one column per name of `columns`, typed as
+    the table's columns are (`text`, `integer`, ...: a value too long for its column is refused
+    when it is stored, as it would be from a bound parameter). Times go as ISO text with their
+    offset; a naive one is refused, as UTCDateTime refuses it.
+    """
+
+    def __init__(self, template: str, table: Any, columns: Sequence[str], names: Sequence[str] | None = None) -> None:
+        names = names or columns
+        fields = ", ".join(f"({_ROW}->>{i})::{_sql_type(table.c[c].type)} AS {n}"
+                           for i, (c, n) in enumerate(zip(columns, names)))
+        self.sql = template.format(rows=f"(SELECT {fields} FROM jsonb_array_elements(%s::jsonb) AS r(e))")
+        self.times = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, UTCDateTime)]
+
+    def run(self, conn: Any, rows: Iterable[list[Any]]) -> int:
+        """Run the statement for `rows` (lists of values in column order); rows changed."""
+        times = self.times
+        batch = []
+        for row in rows:
+            for i in times:
+                if row[i] is not None:
+                    row[i] = _iso_utc(row[i])
+            batch.append(row)
+        with driver_cursor(conn, self.sql) as cursor:
+            cursor.execute(self.sql, (json.dumps(batch, separators=(",", ":")),))
+            return cursor.rowcount
+
+
+_ROW = "r.e"
+
+
+def _sql_type(t: Any) -> str:
+    """The PostgreSQL type a JSON value is read as, for a column of type `t`."""
+    if isinstance(t, TypeDecorator) and not isinstance(t, UTCDateTime):
+        t = t.impl_instance  # sqlmodel's AutoString: a String
+    for sql_type, name in ((UTCDateTime, "timestamptz"), (Boolean, "boolean"), (Integer, "integer"),
+                           (Float, "double precision"), (String, "text")):
+        if isinstance(t, sql_type):
+            return name
+    raise TypeError(f"no JSON reading for a column of type {t!r}")
+
+
+def _iso_utc(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
+    return value.isoformat()
+
+
+_ATTEMPT_COLUMNS = ("message_id", "number", "started_at", "http_status", "outcome", "claim_token", "worker",
+                    "attempt_key", "request_started", "provider_code", "detail", "latency_ms")
+_ATTEMPT_DEFAULTS = {c: (d.arg if (d := Attempt.__table__.c[c].default) is not None else None)  # type: ignore[attr-defined]
+                     for c in _ATTEMPT_COLUMNS}
+_SETTLE_BATCH = _Batch(
+    "UPDATE messages AS m SET " + ", ".join(f"{c} = v.{c}" for c in _SETTLE_COLUMNS)
+    + " FROM {rows} AS v WHERE m.id = v.b_id AND coalesce(m.status, '') = 'sending' AND m.claim_token = v.b_claim",
+    M, ["id", "claim_token", *_SETTLE_COLUMNS], ["b_id", "b_claim", *_SETTLE_COLUMNS])
+_ATTEMPT_BATCH = _Batch(
+    "INSERT INTO attempts (" + ", ".join(_ATTEMPT_COLUMNS) + ") SELECT * FROM {rows} AS v",
+    Attempt.__table__, _ATTEMPT_COLUMNS)  # type: ignore[attr-defined]
 
 
 _ATTEMPTS = insert(Attempt.__table__)  # type: ignore[attr-defined]
