@@ -108,3 +108,21 @@ def test_a_worker_s_first_tasks_arriving_together_all_find_it_registered(pg_url)
                               ).scalar_one() == 1
     finally:
         liveness.retire()
+
+
+def test_a_send_request_is_the_one_httpx_would_build_from_the_same_body():
+    """Adapters build their sends with Adapter.json_post: the same method, URL, header lines in
+    the same order, and bytes as httpx.Request(content=...), so a signature covers the same."""
+    import json
+
+    from dispatcher.providers.base import Adapter
+
+    url = httpx.URL("http://sms.example:8080/api/v1/sms")
+    body = {"to": "+14155550100", "text": "Grüße, 2 € ✓", "n": 1.5, "none": None}
+    for ascii_only in (True, False):
+        headers = {"Content-Type": "application/json", "RT-RequestID": "k-1"}
+        ours = Adapter.json_post(url, body, dict(headers), ascii_only=ascii_only)
+        theirs = httpx.Request("POST", url, headers=headers,
+                               content=json.dumps(body, separators=(",", ":"), ensure_ascii=ascii_only).encode())
+        assert (ours.method, ours.url, ours.headers.raw, ours.content) == (
+            theirs.method, theirs.url, theirs.headers.raw, theirs.content)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import json
 import math
 import time
 import uuid
@@ -467,6 +468,18 @@ class Adapter:
 
     def build_request(self, msg: OutboundMessage) -> httpx.Request:
         raise NotImplementedError
+
+    @staticmethod
+    def json_post(url: httpx.URL, body: Any, headers: dict[str, str], *, ascii_only: bool = True) -> httpx.Request:
+        """A POST of `body` as compact JSON, its bytes and headers exactly those of
+        `httpx.Request("POST", url, content=..., headers=headers)`: Host first, then `headers`,
+        then Content-Length. Built from the bytes as they are, it skips httpx's content
+        encoding, which took two thirds of the request's making on every send."""
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=ascii_only).encode()
+        raw = [("Host", url.netloc.decode("ascii")), *headers.items(), ("Content-Length", str(len(content)))]
+        request = httpx.Request("POST", url, headers=raw, stream=httpx.ByteStream(content))
+        request.read()  # `request.content`, the bytes a signature covers
+        return request
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         raise NotImplementedError

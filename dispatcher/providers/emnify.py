@@ -427,9 +427,8 @@ class EmnifyAdapter(Adapter):
         return self.build_part_requests(msg)[0]
 
     def _post_sms(self, endpoint_id: str, body: dict[str, Any]) -> httpx.Request:
-        return httpx.Request("POST", self.url(f"/api/v1/endpoint/{endpoint_id}/sms"),
-                             content=json.dumps(body, separators=(",", ":")).encode(),
-                             headers={"content-type": "application/json", "accept": "application/json"})
+        return self.json_post(self.url(f"/api/v1/endpoint/{endpoint_id}/sms"), body,
+                              {"content-type": "application/json", "accept": "application/json"})
 
     # ---- reading
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, ClassVar
 
@@ -102,12 +101,7 @@ class EmsgnowAdapter(Adapter):
             body["callbackUrl"] = opts["callback_url"]
         if opts.get("client_id"):
             body["clientId"] = opts["client_id"]
-        return httpx.Request(
-            "POST",
-            self.url("/sms"),
-            content=json.dumps(body, separators=(",", ":")).encode(),
-            headers={"content-type": "application/json"},
-        )
+        return self.json_post(self.url("/sms"), body, {"content-type": "application/json"})
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         data = json_or_none(response)

@@ -31,7 +31,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -123,12 +122,7 @@ class EsimAccessAdapter(Adapter):
         headers = {"Content-Type": "application/json"}
         if self.auth_mode == "hmac":
             headers["RT-RequestID"] = msg.attempt_key or str(uuid.uuid4())
-        return httpx.Request(
-            "POST",
-            self.url(SEND_PATH),
-            content=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
-            headers=headers,
-        )
+        return self.json_post(self.url(SEND_PATH), body, headers, ascii_only=False)
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         status = response.status_code

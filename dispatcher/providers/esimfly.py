@@ -39,7 +39,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -129,12 +128,8 @@ class EsimflyAdapter(Adapter):
         esim_id = esim_id_of(msg.options.get("esim_id"))
         body: dict[str, Any] = {"esimId": esim_id} if esim_id is not None else {"iccid": msg.to}
         body["message"] = msg.text
-        return httpx.Request(
-            "POST",
-            self.url(SEND_PATH),
-            content=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
-            headers={"Content-Type": "application/json", "RT-RequestID": msg.attempt_key or str(uuid.uuid4())},
-        )
+        return self.json_post(self.url(SEND_PATH), body, {"Content-Type": "application/json",
+                                                          "RT-RequestID": msg.attempt_key or str(uuid.uuid4())})
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         data = json_or_none(response)

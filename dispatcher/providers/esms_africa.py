@@ -37,7 +37,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -256,8 +255,7 @@ class EsmsAfricaAdapter(Adapter):
         headers = {"content-type": "application/json", "accept": "application/json"}
         if msg.attempt_key:
             headers["Idempotency-Key"] = msg.attempt_key
-        return httpx.Request("POST", self.url(SEND_PATH), headers=headers,
-                             content=json.dumps(self.build_body(msg), separators=(",", ":")).encode())
+        return self.json_post(self.url(SEND_PATH), self.build_body(msg), headers)
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         data = json_or_none(response)
