@@ -150,7 +150,9 @@ def test_latency_holds_a_thousand_requests_at_once(sb):
     statuses = asyncio.run(burst())
     elapsed = time.monotonic() - started
     assert statuses == [404] * 1000
-    assert elapsed < 3.0, f"1000 requests at 500 ms latency took {elapsed:.2f} s"
+    # Held one after another they would take 500 s; 15 s is at least 33 at once. A tighter bound
+    # measured the machine: a full run on a busy 2-core machine took 3.65 s against 3 s.
+    assert elapsed < 15.0, f"1000 requests at 500 ms latency took {elapsed:.2f} s: not held at once"
 
 
 def test_configure_changes_a_twin_live_and_reset_restores_it(sb):
