@@ -347,12 +347,13 @@ class _Batch:
 
     def run(self, conn: Any, rows: Iterable[list[Any]]) -> int:
         """Run the statement for `rows` (lists of values in column order); rows changed."""
-        times = self.times
+        times, written = self.times, {}  # type: ignore[var-annotated]
         batch = []
         for row in rows:
             for i in times:
-                if row[i] is not None:
-                    row[i] = _iso_utc(row[i])
+                value = row[i]
+                if value is not None:  # a batch's times are mostly one or two instants: each written once
+                    row[i] = written.get(value) or written.setdefault(value, _iso_utc(value))
             batch.append(row)
         with driver_cursor(conn, self.sql) as cursor:
             cursor.execute(self.sql, (json.dumps(batch, separators=(",", ":")),))
