@@ -151,8 +151,9 @@ def _find_emnify_sms(db: Session, account: str, sms_id: str, endpoint_id: str | 
             return exact, True
     part = _like_escape(sms_id)
     patterns = (f"%/{part}", f"%/{part},%", f"%,{part}", f"%,{part},%")
-    candidates = db.execute(select(Message).where(
-        Message.provider == account, or_(*(Message.provider_ref.like(p, escape="\\") for p in patterns)))
+    candidates = db.execute(select(Message).where(  # `IS NOT NULL`: SQLite then takes the partial index on refs
+        Message.provider == account, Message.provider_ref.is_not(None),
+        or_(*(Message.provider_ref.like(p, escape="\\") for p in patterns)))
     ).scalars()
     for row in candidates:
         endpoint, ids = split_ref(row.provider_ref)

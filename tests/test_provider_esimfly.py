@@ -143,6 +143,7 @@ def test_signature_covers_the_exact_utf8_bytes_of_non_ascii_text():
     msg = make_msg(text="Grüße 👋 — eSIM bereit")
     request = signed(make_adapter(), msg)
     assert json.loads(request.content) == {"iccid": SEED_ICCID, "message": "Grüße 👋 — eSIM bereit"}
+    assert "Grüße 👋 — eSIM bereit".encode() in request.content  # as UTF-8, as the seed client writes it, not \u-escaped
     expected = seed_algorithm(SEED_SECRET, "1700000000000", SEED_REQUEST_ID, SEED_ACCESS_CODE, request.content)
     assert request.headers["RT-Signature"] == expected
 

@@ -129,7 +129,8 @@ class EsimflyAdapter(Adapter):
         body: dict[str, Any] = {"esimId": esim_id} if esim_id is not None else {"iccid": msg.to}
         body["message"] = msg.text
         return self.json_post(self.url(SEND_PATH), body, {"Content-Type": "application/json",
-                                                          "RT-RequestID": msg.attempt_key or str(uuid.uuid4())})
+                                                          "RT-RequestID": msg.attempt_key or str(uuid.uuid4())},
+                              ascii_only=False)
 
     def parse_response(self, response: httpx.Response, msg: OutboundMessage) -> Outcome:
         data = json_or_none(response)

@@ -353,7 +353,8 @@ class _Batch:
             for i in times:
                 value = row[i]
                 if value is not None:  # a batch's times are mostly one or two instants: each written once
-                    row[i] = written.get(value) or written.setdefault(value, _iso_utc(value))
+                    key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
+                    row[i] = written.get(key) or written.setdefault(key, _iso_utc(value))
             batch.append(row)
         with driver_cursor(conn, self.sql) as cursor:
             cursor.execute(self.sql, (json.dumps(batch, separators=(",", ":")),))

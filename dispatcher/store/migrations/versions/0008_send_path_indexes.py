@@ -28,11 +28,20 @@ PARTIAL = (
 
 
 def upgrade() -> None:
-    for name, columns, where in PARTIAL:
-        op.drop_index(name, table_name='messages')
-        op.create_index(name, 'messages', columns, unique=False,
-                        postgresql_where=sa.text(where), sqlite_where=sa.text(where))
-    if op.get_bind().dialect.name == 'postgresql':
+    if op.get_bind().dialect.name != 'postgresql':
+        for name, columns, where in PARTIAL:
+            op.drop_index(name, table_name='messages')
+            op.create_index(name, 'messages', columns, unique=False, sqlite_where=sa.text(where))
+        return
+    # Built beside the old index without blocking writes (a plain DROP INDEX locks the table
+    # until the transaction ends: workers still sending would stall for the whole rebuild of
+    # a large table), then swapped in; outside a transaction, as CONCURRENTLY requires.
+    with op.get_context().autocommit_block():
+        for name, columns, where in PARTIAL:
+            op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name}_partial ON messages "
+                       f"({', '.join(columns)}) WHERE {where}")
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            op.execute(f"ALTER INDEX {name}_partial RENAME TO {name}")
         op.execute('ALTER TABLE messages SET (fillfactor = 70)')  # pages written from now on
 
 
