@@ -100,6 +100,20 @@ class Slot:
     ticket: str | None = None
 
 
+def prepare(settings: Settings | None = None) -> None:
+    """Do at a worker's start what its first batch would otherwise do while its messages wait:
+    check the schema, start the heartbeat, the send loop and its Wire, load each account's
+    adapter, open a store connection and compile the first statement of the send path."""
+    s = settings or runtime.settings()
+    ensure_schema(s.database_url)
+    liveness.ensure_alive(s.database_url, s.heartbeat_seconds)
+    transport.warm_up(s.in_flight)
+    for account in s.providers:
+        runtime.adapter_for(account)
+    with connection_scope(s.database_url, autocommit=True) as db:
+        queries.waiting(db, ["-"])  # no such id: only the connection and the statement are made
+
+
 def dispatch_batch(
     ids: Sequence[str],
     *,

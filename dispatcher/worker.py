@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 
 from celery import signals
 
@@ -54,6 +55,22 @@ def poll_status() -> dict:
     from .status import poll
 
     return asdict(poll())
+
+
+@signals.worker_ready.connect
+def _get_ready(**_: object) -> None:
+    """Prepare the send path beside the consumer (dispatch.prepare), never delaying it: a store
+    slow or away at start leaves the work to the first batch, as before."""
+    threading.Thread(target=_prepare, name="dispatcher-prepare", daemon=True).start()
+
+
+def _prepare() -> None:
+    from .dispatch import prepare
+
+    try:
+        prepare()
+    except Exception as exc:  # noqa: BLE001 - the first batch does it again, and says why if it fails
+        log.warning("could not prepare the send path at start (%s: %s); the first batch will", type(exc).__name__, exc)
 
 
 @signals.worker_ready.connect

@@ -240,3 +240,23 @@ def test_postgresql_away_for_a_while_delays_the_workers_and_loses_nothing(dispat
     assert set(statuses.values()) == {"accepted"}
     sent = _texts_at(sandbox, "pg away")
     assert len(sent) == 60 and set(sent.values()) == {1}
+
+
+def test_a_started_worker_is_in_the_store_before_its_first_batch(dispatcher_env, sandbox, broker_down, redis_prefix):
+    """A worker prepares its send path as it starts (dispatch.prepare: schema, heartbeat, send
+    loop, adapters, a store connection), so its first batch waits for none of it: the worker's
+    heartbeat row is there though it has been sent nothing."""
+    from dispatcher.store.db import session_scope
+    from dispatcher.store.models import Worker
+    from sqlalchemy import select
+
+    env = dict(os.environ, DISPATCHER_REDIS_PREFIX=f"{redis_prefix}-prepare")
+    with WorkerProcesses(count=1, env=env, concurrency=2) as workers:
+        workers.wait_ready()
+        pid = workers.procs[0].pid
+
+        def registered() -> bool:
+            with session_scope(runtime.settings().database_url) as db:
+                return pid in set(db.execute(select(Worker.pid)).scalars())
+
+        wait_for(registered, 15)
