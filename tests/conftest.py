@@ -166,6 +166,24 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def send_out(*ids: str, timeout: float = 15.0) -> dict[str, str]:
+    """Dispatch `ids` in this process until none is left `queued`; returns their statuses.
+
+    A send whose start was recorded later than its rate-limit slot allows is handed back unsent
+    (never sent late) and goes again at the next dispatch; with no broker in these tests, that
+    next dispatch is this helper's. On a slow machine a store write can take longer than the
+    10 ms a 100/s limit allows (seen: 17-37 ms on SQLite)."""
+    import dispatcher
+    from dispatcher.dispatch import dispatch_batch
+
+    def settled() -> dict[str, str] | None:
+        dispatch_batch([i for i in ids if dispatcher.get(i).status == "queued"])
+        statuses = {i: dispatcher.get(i).status for i in ids}
+        return None if "queued" in statuses.values() else statuses
+
+    return wait_for(settled, timeout)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_http_loop():
     yield

@@ -15,7 +15,7 @@ import pytest
 import dispatcher
 from dispatcher import runtime
 
-from .conftest import wait_for, write_config
+from .conftest import send_out, wait_for, write_config
 
 ACCOUNTS = """
 [providers.fly]
@@ -172,8 +172,6 @@ def test_a_hanging_provider_never_delays_another_providers_messages(all_kinds, c
 
 
 def test_cancel_recalls_an_sms_emnify_still_buffers_and_says_too_late_otherwise(all_kinds, broker_down):
-    from dispatcher.dispatch import dispatch_batch
-
     from datetime import timedelta
 
     from dispatcher.status import poll
@@ -183,7 +181,7 @@ def test_cancel_recalls_an_sms_emnify_still_buffers_and_says_too_late_otherwise(
     sandbox.configure("emnify", delivery_step=0.01)
     buffered = dispatcher.send("iot", "4477", "device offline: emnify buffers it")  # endpoint ids ending 77
     handed_over = dispatcher.send("fly", "8948010010036785060", "esimfly cannot recall")
-    assert dispatch_batch([buffered.id, handed_over.id]).statuses == {buffered.id: "accepted", handed_over.id: "accepted"}
+    assert send_out(buffered.id, handed_over.id) == {buffered.id: "accepted", handed_over.id: "accepted"}
 
     def seen_buffered():  # the status poll reads what emnify says of it
         poll(clock=lambda: utcnow() + timedelta(seconds=5))

@@ -19,11 +19,10 @@ import pytest
 import dispatcher
 from dispatcher import runtime
 from dispatcher.cli import main
-from dispatcher.dispatch import dispatch_batch
 from dispatcher.store.db import session_scope
 from dispatcher.store.models import Message
 
-from .conftest import write_config
+from .conftest import send_out, write_config
 
 ACCOUNT_TOKEN = "acct-callback-token-5f1e0c9a7b3d4e21"
 OWN_TOKEN = "own-callback-token-9a8b7c6d5e4f3a2b"
@@ -64,7 +63,7 @@ def test_the_account_callback_token_is_never_stored_nor_shown_yet_is_sent(hooked
         stored = db.get(Message, msg.id)
         assert ACCOUNT_TOKEN not in json.dumps(stored.options)
     since = hooked.last_seq
-    assert dispatch_batch([msg.id]).statuses[msg.id] == "accepted"
+    assert send_out(msg.id) == {msg.id: "accepted"}
     sent = [r for r in hooked.requests("emsgnow", since=since) if r.path == "/sms"]
     # the account's defaults are merged at send time: the provider still gets both
     assert sent[-1].json["callbackUrl"] == f"http://127.0.0.1:9/webhooks/hooks?token={ACCOUNT_TOKEN}"
@@ -86,7 +85,7 @@ def test_a_message_own_callback_url_with_a_token_is_refused_and_one_without_is_s
     plain = "https://hooks.example.com/in?account=hooks"
     msg = dispatcher.send("hooks", "+14155550123", "hello", callback_url=plain)
     since = hooked.last_seq
-    dispatch_batch([msg.id])
+    send_out(msg.id)
     sent = [r for r in hooked.requests("emsgnow", since=since) if r.path == "/sms"]
     assert sent[-1].json["callbackUrl"] == plain  # the provider gets the message's own URL whole
 

@@ -13,7 +13,7 @@ from dispatcher.dispatch import dispatch_batch
 from dispatcher.status import poll
 from dispatcher.store.models import utcnow
 
-from .conftest import wait_for
+from .conftest import send_out, wait_for
 
 
 def later(seconds: float):
@@ -23,7 +23,7 @@ def later(seconds: float):
 def test_polling_reaches_the_final_status_and_stores_each_event_once(dispatcher_env, sandbox, broker_down):
     sandbox.configure("emsgnow", delivery_step=0.01)
     msg = dispatcher.send("alerts", "+14155550123", "poll me")
-    dispatch_batch([msg.id])
+    send_out(msg.id)
 
     def delivered():
         poll(clock=later(5))
@@ -38,7 +38,7 @@ def test_polling_reaches_the_final_status_and_stores_each_event_once(dispatcher_
 
 def test_polls_wait_while_the_provider_has_paused_the_account(dispatcher_env, sandbox, broker_down):
     msg = dispatcher.send("alerts", "+14155550123", "paused")
-    dispatch_batch([msg.id])
+    send_out(msg.id)
     gets_before = len([r for r in sandbox.requests("emsgnow") if r.method == "GET"])
     runtime.limiter().pause("alerts", time.time() + 60)
     try:
@@ -97,7 +97,7 @@ def test_esms_africa_message_still_on_its_way_only_has_its_word_noted(dispatcher
     _with_africa(dispatcher_env, sandbox, monkeypatch)
     sandbox.configure("esms_africa", delivery_step=3600, rate_limit=None)  # stays "sent" for an hour
     msg = dispatcher.send("africa", "+254712345678", "slow")
-    dispatch_batch([msg.id])
+    assert send_out(msg.id) == {msg.id: "accepted"}
     seq = sandbox.last_seq
     report = poll(clock=later(5))
     assert (report.polled, report.requests, report.new_events) == (1, 1, 0)
