@@ -335,33 +335,30 @@ class _Batch:
     `template` holds `{rows}`, a row source with one column per name of `columns`, typed as
     the table's columns are (`text`, `integer`, ...: a value too long for its column is refused
     when it is stored, as it would be from a bound parameter). Times go as ISO text with their
-    offset; a naive one is refused, as UTCDateTime refuses it.
+    offset, through UTCDateTime's own bind processor (a naive one is refused).
     """
 
     def __init__(self, template: str, table: Any, columns: Sequence[str], names: Sequence[str] | None = None) -> None:
         names = names or columns
-        fields = ", ".join(f"({_ROW}->>{i})::{_sql_type(table.c[c].type)} AS {n}"
+        fields = ", ".join(f"(r.e->>{i})::{_sql_type(table.c[c].type)} AS {n}"
                            for i, (c, n) in enumerate(zip(columns, names)))
         self.sql = template.format(rows=f"(SELECT {fields} FROM jsonb_array_elements(%s::jsonb) AS r(e))")
         self.times = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, UTCDateTime)]
 
     def run(self, conn: Any, rows: Iterable[list[Any]]) -> int:
         """Run the statement for `rows` (lists of values in column order); rows changed."""
-        times, written = self.times, {}  # type: ignore[var-annotated]
+        times, written, dialect = self.times, {}, conn.dialect  # type: ignore[var-annotated]
         batch = []
         for row in rows:
             for i in times:
                 value = row[i]
                 if value is not None:  # a batch's times are mostly one or two instants: each written once
                     key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
-                    row[i] = written.get(key) or written.setdefault(key, _iso_utc(value))
+                    row[i] = written.get(key) or written.setdefault(key, _UTC.process_bind_param(value, dialect).isoformat())
             batch.append(row)
         with driver_cursor(conn, self.sql) as cursor:
             cursor.execute(self.sql, (json.dumps(batch, separators=(",", ":")),))
             return cursor.rowcount
-
-
-_ROW = "r.e"
 
 
 def _sql_type(t: Any) -> str:
@@ -375,10 +372,7 @@ def _sql_type(t: Any) -> str:
     raise TypeError(f"no JSON reading for a column of type {t!r}")
 
 
-def _iso_utc(value: datetime) -> str:
-    if value.tzinfo is None:
-        raise ValueError("naive datetime given to the store")
-    return value.isoformat()
+_UTC = UTCDateTime()  # its bind processor: a naive time refused, an aware one in UTC
 
 
 _ATTEMPT_COLUMNS = ("message_id", "number", "started_at", "http_status", "outcome", "claim_token", "worker",
