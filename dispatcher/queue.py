@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+from .config import DEFAULT_BATCH_SIZE
 from .keys import TASK_DISPATCH
 from .errors import BrokerUnavailable
 
 log = logging.getLogger("dispatcher.queue")
 
 
-def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -> None:
+def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
     """Publish dispatch tasks for `ids`, at most `batch_size` ids per task.
+
+    A task's `argsrepr` (what Celery's logs and monitors show for its arguments) names its first
+    id and how many it carries: Celery's own repr of a list of 200 ids cost more than the rest
+    of publishing it.
 
     Raises BrokerUnavailable when Redis cannot be reached; the rows are already committed,
     so the beat's sweep will enqueue them once it can.
@@ -25,9 +30,11 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -
     try:
         with app.producer_or_acquire() as producer:
             for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
                 app.send_task(
                     TASK_DISPATCH,
-                    args=[ids[start : start + batch_size]],
+                    args=[chunk],
+                    argsrepr=_argsrepr(chunk),
                     countdown=countdown or None,
                     producer=producer,
                 )
@@ -37,6 +44,10 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = 100) -
 
             raise BrokerUnavailable(hide_url_passwords(f"cannot reach the broker: {type(exc).__name__}: {exc}")) from exc
         raise
+
+
+def _argsrepr(ids: list[str]) -> str:
+    return f"[[{ids[0]!r}, ...]] ({len(ids)} ids)" if len(ids) > 1 else repr([ids])
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -2,7 +2,7 @@
 
 `POST /v1/messages` without an Idempotency-Key validates its message on the event loop
 (dispatcher.api.row_values) and hands the row here. A writer stores whatever has gathered
-with `dispatcher.api.store_many` (one INSERT, one commit, one broker publish per 100 ids) in
+with `dispatcher.api.store_many` (one INSERT, one commit, one broker publish per `batch_size` ids) in
 a worker thread; what arrives meanwhile waits for the next round. Idle, a request is written
 at once, alone; under load, a commit and a publish serve many requests, which is what lets
 one process answer well over a thousand sends a second (bench/api.py). Two writers may run
