@@ -76,6 +76,44 @@ def test_room_waits_for_the_whole_batch_then_takes_what_there_is():
         loop.close()
 
 
+def test_tasks_waiting_for_room_are_served_in_the_order_they_came():
+    """A task waiting for room for its whole batch is not overtaken by a smaller one that came
+    later: overtaken again and again, it would give up after its wait, claim a part and hand
+    the rest back to the broker (a new task, a new read of its ids, half a second later)."""
+    import threading
+
+    loop = LoopThread(in_flight=4)
+    try:
+        held = loop.room({"acct": 4}, timeout=0)
+        served: list[tuple[str, int]] = []
+        done = {name: threading.Event() for name in ("first", "second")}
+
+        def wait_for_room(name: str, n: int) -> None:
+            served.append((name, loop.room({"acct": n}, timeout=10).held["acct"]))
+            done[name].set()
+
+        threading.Thread(target=wait_for_room, args=("first", 3)).start()
+        _until(lambda: len(loop._needs.get("acct", [])) == 1)
+        threading.Thread(target=wait_for_room, args=("second", 1)).start()
+        _until(lambda: len(loop._needs.get("acct", [])) == 2)
+        held.release("acct", 1)  # room for the second, not yet for the first, which came before it
+        assert not done["second"].wait(0.5)
+        held.release("acct", 2)
+        assert done["first"].wait(5)
+        held.release("acct", 1)
+        assert done["second"].wait(5)
+        assert served == [("first", 3), ("second", 1)]
+    finally:
+        loop.close()
+
+
+def _until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def test_a_send_never_goes_before_its_reserved_instant_on_the_worker_s_loop(monkeypatch):
     """The rate limiter's margin assumes a request leaves at or after its slot, never before.
     The worker's loop (uvloop) rounds a sleep to the nearest millisecond and wakes up to half of
