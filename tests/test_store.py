@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -206,6 +206,28 @@ def test_record_of_a_larger_batch_keeps_each_outcome_with_its_message(store_url)
     with session_scope(store_url) as db:
         got = [queries.get_message(db, mid) for mid in ids]
     assert [(m.status, m.provider_ref) for m in got] == [("accepted" if i % 2 else "rejected", f"r{i}") for i in range(30)]
+
+
+def test_record_stores_each_instant_of_a_batch_as_given_across_a_clock_change(store_url):
+    """A batch's times are converted once per instant: two wall times that read the same in a
+    zone (01:30 before and after New York's clocks go back) are still two instants."""
+    from zoneinfo import ZoneInfo
+
+    now = utcnow()
+    ids = _add(store_url, 3, due_at=now)
+    with session_scope(store_url) as db:
+        queries.claim(db, ids, now, TOKEN, "worker-1")
+    first = datetime(2026, 11, 1, 1, 30, tzinfo=ZoneInfo("America/New_York"))
+    second = first.replace(fold=1)  # an hour later
+    assert first == second  # as Python compares them: same zone, same wall time
+    due = [first, second, first.astimezone(timezone.utc)]
+    batch = [_settlement(mid, now, status="queued", due_at=d) for mid, d in zip(ids, due)]
+    with session_scope(store_url) as db:
+        assert queries.record(db, batch) == 3
+    with session_scope(store_url) as db:
+        got = [queries.get_message(db, mid).due_at for mid in ids]
+    assert [g.timestamp() for g in got] == [d.timestamp() for d in due]
+    assert got[1] - got[0] == timedelta(hours=1)
 
 
 def test_claim_takes_only_what_is_due_and_not_overdue_and_returns_the_rows(store_url):

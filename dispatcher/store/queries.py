@@ -394,7 +394,8 @@ _ATTEMPTS = insert(Attempt.__table__)  # type: ignore[attr-defined]
 class _Many:
     """A statement compiled once for a dialect and a set of parameter names, run as the driver's
     own executemany: SQLAlchemy's per-row parameter handling cost the worker as much as the
-    driver's (docs/throughput.md). Each value still goes through its type's bind processor."""
+    driver's (docs/throughput.md). Each value still goes through its type's bind processor,
+    a time once per batch (a batch's times are mostly one or two instants)."""
 
     def __init__(self, stmt: Any, dialect: Any, keys: list[str]) -> None:
         compiled = stmt.compile(dialect=dialect, column_keys=keys)
@@ -404,23 +405,34 @@ class _Many:
         self.order = list(compiled.positiontup) if compiled.positional else None
         self.fixed: dict[str, Any] = {}
         self.processors: dict[str, Any] = {}
+        self.times: set[str] = set()  # names bound to UTCDateTime columns
         for name, bind in compiled.binds.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if name in keys:
                 if process is not None:
                     self.processors[name] = process
+                if isinstance(bind.type, UTCDateTime):
+                    self.times.add(name)
             else:  # a constant of the statement (`status = 'sending'`)
                 value = bind.effective_value
                 self.fixed[name] = process(value) if process is not None and value is not None else value
 
     def rows(self, params: list[dict[str, Any]]) -> list[Any]:
-        processors, fixed, order = self.processors, self.fixed, self.order
+        processors, fixed, order, times = self.processors, self.fixed, self.order, self.times
+        written: dict[tuple[datetime, Any], Any] = {}
         out = []
         for p in params:
             row = dict(fixed)
             for name, value in p.items():
                 process = processors.get(name)
-                row[name] = value if process is None or value is None else process(value)
+                if process is None or value is None:
+                    row[name] = value
+                elif name in times:
+                    key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
+                    done = written.get(key)
+                    row[name] = done if done is not None else written.setdefault(key, process(value))
+                else:
+                    row[name] = process(value)
             out.append(row if order is None else tuple(row[n] for n in order))
         return out
 
