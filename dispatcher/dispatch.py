@@ -39,6 +39,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
@@ -725,7 +726,7 @@ async def send_all(
                     await starts.unstart(m.id)
                 return _not_sent(m, MISSED_SLOT, f"its start was recorded {time.monotonic() - at:.3f}s after its "
                                  "rate-limit slot")
-            return await adapter.send(client, outbound(m))
+            return await adapter.send(client, outbound(m, adapter))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
 
@@ -736,12 +737,14 @@ def _not_sent(m: Message, answer: object, why: str) -> object:
     return answer
 
 
-def outbound(m: Message) -> OutboundMessage:
+def outbound(m: Message, adapter: Any = None) -> OutboundMessage:
+    """What the adapter of `m`'s account (`adapter`, if the caller has it) is given to send."""
+    adapter = adapter or runtime.adapter_for(m.provider)
     return OutboundMessage(
         id=m.id,
         to=m.to,
         text=m.text,
-        options=runtime.adapter_for(m.provider).merged_options(dict(m.options or {})),  # account defaults at send time
+        options=adapter.merged_options(m.options or {}),  # account defaults at send time (a new dict)
         not_before=m.not_before,
         not_after=m.not_after,
         attempt_key=m.attempt_key or m.id,
@@ -863,15 +866,20 @@ def _has_status(account: str) -> bool:
         return False
 
 
+_KEPT = ("status", "attempts", "due_at", "attempt_key", "key_exposed", "provider_ref", "provider_status", "segments",
+         "cost", "cost_currency", "error_code", "error", "accepted_at", "finished_at")
+_kept_of_row = itemgetter(*_KEPT)  # from a claimed row's mapping: a third of the cost of reading each attribute
+_kept_of_object = attrgetter(*_KEPT)
+
+
 def _unchanged(m: Message, now: datetime) -> dict:
-    return {
-        "status": m.status, "attempts": m.attempts, "due_at": m.due_at, "attempt_key": m.attempt_key,
-        "key_exposed": bool(m.key_exposed), "provider_ref": m.provider_ref,
-        "provider_status": m.provider_status, "segments": m.segments, "cost": m.cost,
-        "cost_currency": m.cost_currency, "error_code": m.error_code, "error": m.error,
-        "accepted_at": m.accepted_at, "finished_at": m.finished_at, "claimed_at": None, "claimed_by": None,
-        "updated_at": now,
-    }
+    """The settlement's starting point: the message's columns as claimed, its claim let go."""
+    mapping = getattr(m, "_mapping", None)
+    v = dict(zip(_KEPT, _kept_of_row(mapping) if mapping is not None else _kept_of_object(m)))
+    v["key_exposed"] = bool(v["key_exposed"])
+    v["claimed_at"] = v["claimed_by"] = None
+    v["updated_at"] = now
+    return v
 
 
 def _attempt(m: Message, claim: Claim, http_status: int | None, outcome: str, code: str | None,
