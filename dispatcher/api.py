@@ -17,7 +17,6 @@ from collections.abc import Mapping  # isinstance against typing.Mapping costs 3
 from typing import Any, Iterable, Iterator
 
 from . import runtime, storable
-from .config import DEFAULT_BATCH_SIZE
 from .errors import BrokerUnavailable, InvalidAddress, InvalidOption, InvalidTime, NotFound, TooLate, ValidationError
 from .redact import has_url_secret
 from .store import queries
@@ -369,7 +368,7 @@ _COLUMN_DEFAULTS = _column_defaults()
 _HELD_AFTER = timedelta(seconds=1)  # a not_before further ahead than this waits in the store (scheduled)
 
 
-def _enqueue_or_leave(ids: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+def _enqueue_or_leave(ids: list[str], batch_size: int | None = None) -> None:
     """Enqueue; if the broker is down the rows stay queued and the beat's sweep sends them later."""
     from .queue import enqueue
 

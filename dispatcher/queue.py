@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .config import DEFAULT_BATCH_SIZE
 from .keys import TASK_DISPATCH
 from .errors import BrokerUnavailable
 
 log = logging.getLogger("dispatcher.queue")
 
 
-def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
-    """Publish dispatch tasks for `ids`, at most `batch_size` ids per task.
+def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int | None = None) -> None:
+    """Publish dispatch tasks for `ids`, at most `batch_size` ids per task (the configured one if None).
 
     A task's `argsrepr` (what Celery's logs and monitors show for its arguments) names its first
     id and how many it carries: Celery's own repr of a list of 200 ids cost more than the rest
@@ -27,6 +26,10 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int = DEFAUL
     ids = list(ids)
     if not ids:
         return
+    if batch_size is None:
+        from .runtime import settings
+
+        batch_size = settings().batch_size
     try:
         with app.producer_or_acquire() as producer:
             for start in range(0, len(ids), batch_size):

@@ -40,3 +40,15 @@ def test_send_many_publishes_tasks_of_200_ids_shown_by_their_first_id_and_count(
 def test_a_task_of_one_id_shows_it_whole(published):
     msg = dispatcher.send("alerts", "+14155550123", "one")
     assert published == [{"ids": [msg.id], "argsrepr": repr([[msg.id]])}]
+
+
+def test_every_publisher_uses_the_configured_batch_size(published):
+    """Retries, sweeps and recovery publish through queue.enqueue without a size of their own:
+    they follow `batch_size` from the configuration too."""
+    import dataclasses
+
+    from dispatcher import queue, runtime
+
+    runtime.configure(dataclasses.replace(runtime.settings(), batch_size=50))
+    queue.enqueue([f"{i:032x}" for i in range(120)], countdown=1.0)
+    assert [len(t["ids"]) for t in published] == [50, 50, 20]
