@@ -91,7 +91,7 @@ class Settings:
     max_attempts: int = 6  # sends per message, transient failures included
     retry_base: float = 1.0  # seconds; backoff = base * 2**n with full jitter
     retry_cap: float = 60.0  # never a countdown longer than this
-    batch_size: int = DEFAULT_BATCH_SIZE  # ids per dispatch task from bulk producers
+    batch_size: int = DEFAULT_BATCH_SIZE  # ids per dispatch task, whoever publishes it
     in_flight: int = 256  # HTTP requests in flight per provider account in one worker process
     tick_seconds: float = 1.0  # beat interval for due-time release and reaping
     schedule_grace: float = 3600.0  # a recurring occurrence missed by more than this is skipped

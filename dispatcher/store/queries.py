@@ -348,13 +348,16 @@ class _Batch:
     def run(self, conn: Any, rows: Iterable[list[Any]]) -> int:
         """Run the statement for `rows` (lists of values in column order); rows changed."""
         times, written, dialect = self.times, {}, conn.dialect  # type: ignore[var-annotated]
+
+        def iso(t: datetime) -> str:
+            return _UTC.process_bind_param(t, dialect).isoformat()  # type: ignore[union-attr]
+
         batch = []
         for row in rows:
             for i in times:
                 value = row[i]
                 if value is not None:  # a batch's times are mostly one or two instants: each written once
-                    key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
-                    row[i] = written.get(key) or written.setdefault(key, _UTC.process_bind_param(value, dialect).isoformat())
+                    row[i] = _once_per_instant(written, value, iso)
             batch.append(row)
         with driver_cursor(conn, self.sql) as cursor:
             cursor.execute(self.sql, (json.dumps(batch, separators=(",", ":")),))
@@ -373,6 +376,13 @@ def _sql_type(t: Any) -> str:
 
 
 _UTC = UTCDateTime()  # its bind processor: a naive time refused, an aware one in UTC
+
+
+def _once_per_instant(written: dict[tuple[datetime, Any], Any], value: datetime, convert: Callable[[datetime], Any]) -> Any:
+    """`convert(value)`, computed once per instant of a batch (`written` holds those done)."""
+    key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
+    done = written.get(key)
+    return done if done is not None else written.setdefault(key, convert(value))
 
 
 _ATTEMPT_COLUMNS = ("message_id", "number", "started_at", "http_status", "outcome", "claim_token", "worker",
@@ -428,9 +438,7 @@ class _Many:
                 if process is None or value is None:
                     row[name] = value
                 elif name in times:
-                    key = (value, value.utcoffset())  # equal instants of one zone across a DST fold differ
-                    done = written.get(key)
-                    row[name] = done if done is not None else written.setdefault(key, process(value))
+                    row[name] = _once_per_instant(written, value, process)
                 else:
                     row[name] = process(value)
             out.append(row if order is None else tuple(row[n] for n in order))
