@@ -186,6 +186,7 @@ class LoopThread:
         self._thread.start()
         self._client: httpx.AsyncClient | None = None
         self._wire: Wire | None = None
+        self.warm = False  # its client and Wire are made (warm_up)
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when an account's requests finish
         self._busy: Counter[str] = Counter()  # requests in flight per provider account
@@ -258,8 +259,7 @@ class LoopThread:
                             needs.remove(turn)
                     granted = max(0, min(n, self.claim_cap - self._busy[account]))
                     self._busy[account] += granted
-                    if needs and self.claim_cap - self._busy[account] >= needs[0].need:
-                        self._room.notify_all()  # the next in line fits too
+                    self._wake_next(account)  # the next in line may fit too
                 room.held[account] += granted
         except BaseException:
             room.close()
@@ -271,9 +271,13 @@ class LoopThread:
         one of them can go, not at every message (every task thread woken 200 times a batch)."""
         with self._lock:
             self._busy[account] -= count
-            needs = self._needs.get(account)
-            if needs and self.claim_cap - self._busy[account] >= needs[0].need:
-                self._room.notify_all()
+            self._wake_next(account)
+
+    def _wake_next(self, account: str) -> None:
+        """Wake the tasks waiting for the account's room if the first in line fits (lock held)."""
+        needs = self._needs.get(account)
+        if needs and self.claim_cap - self._busy[account] >= needs[0].need:
+            self._room.notify_all()
 
     def busy(self, account: str) -> int:
         with self._lock:
@@ -332,14 +336,18 @@ def close_process_loop() -> None:
 
 
 def warm_up(in_flight: int = 256) -> None:
-    """Create the loop, its client and its Wire now (TLS contexts, aiohttp session): not in a timed send."""
+    """Create the loop, its client and its Wire now (TLS contexts, aiohttp session): not in a timed send.
+    Once done, a call costs nothing: no trip to the loop (dispatch_batch calls it for every batch)."""
     loop = process_loop(in_flight)
+    if loop.warm:
+        return
 
     async def touch() -> None:
         loop.client()
         loop.wire().warm_up()
 
     loop.run(touch)
+    loop.warm = True
 
 
 def run(factory: Callable[[], Coroutine[Any, Any, Any]], in_flight: int = 256) -> Any:

@@ -145,3 +145,17 @@ def test_a_send_never_goes_before_its_reserved_instant_on_the_worker_s_loop(monk
         loop.close()
     early = {mid: send_at[mid].at - t for mid, t in gone.items() if t < send_at[mid].at}
     assert len(gone) == len(messages) and not early
+
+
+def test_warming_up_a_warm_loop_makes_no_trip_to_it(monkeypatch):
+    """dispatch_batch warms the loop up before every batch's rate-limit reservation: once the
+    client and Wire exist, that must not wait for a turn of a busy loop."""
+    from dispatcher import transport
+
+    transport.warm_up()
+    loop = transport.process_loop()
+    assert loop.warm and loop._client is not None and loop._wire is not None
+    trips = []
+    monkeypatch.setattr(loop, "run", lambda *a, **k: trips.append(a))
+    transport.warm_up()
+    assert trips == []
