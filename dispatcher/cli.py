@@ -457,7 +457,7 @@ def _run_celery(which: str, rest: list[str]) -> int:
     if which == "worker" and not any(a.startswith(("-Q", "--queues")) for a in rest):
         from . import keys
 
-        argv += ["-Q", f"{keys.QUEUE_SEND},{keys.QUEUE_BEAT}"]
+        argv += ["-Q", ",".join(keys.WORKER_QUEUES)]
     app.start(argv=argv)
     return EXIT_OK
 

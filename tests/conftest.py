@@ -148,7 +148,7 @@ def celery_worker_thread(redis_url):
 
     app.conf.worker_concurrency = 8
     with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False,
-                      queues=[keys.QUEUE_SEND, keys.QUEUE_BEAT], shutdown_timeout=10, loglevel="WARNING"):
+                      queues=list(keys.WORKER_QUEUES), shutdown_timeout=10, loglevel="WARNING"):
         yield app
 
 

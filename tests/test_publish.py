@@ -52,3 +52,30 @@ def test_every_publisher_uses_the_configured_batch_size(published):
     runtime.configure(dataclasses.replace(runtime.settings(), batch_size=50))
     queue.enqueue([f"{i:032x}" for i in range(120)], countdown=1.0)
     assert [len(t["ids"]) for t in published] == [50, 50, 20]
+
+
+def test_a_task_with_a_countdown_is_taken_before_a_bulk_send_queued_ahead_of_it(dispatcher_env, redis_client,
+                                                                                 redis_prefix, monkeypatch):
+    """A retry, or a rate-limited account's next turn, reaches a worker (which holds it until it
+    is due) at once, not after every task of a bulk send published before it: a worker takes
+    from its queues in turn, as the worker's own consumer does here."""
+    from kombu import Consumer, Queue
+
+    from dispatcher import celery_app, keys, queue
+
+    app = celery_app.create_app(prefix=f"{redis_prefix}lane")  # out of the session worker's reach
+    monkeypatch.setattr(celery_app, "app", app)
+    queue.enqueue([f"{i:032x}" for i in range(30 * 200)])  # a bulk send: 30 tasks to send now
+    queue.enqueue(["f" * 32], countdown=0.5)
+    taken: list[list[str]] = []
+
+    def take(body, message):
+        taken.append(body[0][0])
+        message.ack()
+
+    with app.connection_for_read() as conn:
+        with Consumer(conn, queues=[Queue(name) for name in keys.WORKER_QUEUES], prefetch_count=1,
+                      accept=["json"], callbacks=[take]):
+            for _ in range(3):
+                conn.drain_events(timeout=5)
+    assert ["f" * 32] in taken[:2]
