@@ -19,8 +19,14 @@ duplicates cheap and its losses short:
   dead worker's unacknowledged tasks come back only after this hour; the store does not wait
   for them: the reaper publishes that worker's queued messages again as soon as its heartbeat
   stops (recovery.py), and the second delivery claims nothing.
-* worker_prefetch_multiplier 2 (x 8 threads): tasks take milliseconds, so a small prefetch
-  keeps threads fed; what a killed worker had prefetched is published again as above.
+* worker_prefetch_multiplier 1 (x 8 threads): a worker holds no task it has no thread for.
+  The threads pool queues what it prefetched, and a thread waits up to 2 s for its account to
+  have room, so a task due now (a paced account's next turn) waited behind up to 8 of a bulk
+  send's: with 2, 100 messages to a 20/s account beside a bulk send took 7.5-9.4 s instead of
+  5 s; with 1, 5.9-6.6 s, and the bulk send no slower (bench/paced_beside_bulk.py,
+  bench/throughput.py). What a killed worker had prefetched is published again as above.
+* Three queues: dispatcher.send (send now), dispatcher.later (tasks with a countdown, queue.py)
+  and dispatcher.beat. A worker reads them in turn, so neither waits behind the other.
 * worker_concurrency 8: a task only claims and hands its sends to the process's event loop,
   so a few threads keep it fed; more only contend for the GIL with the loop. Against 16, one
   worker sent 3-12 % more per second with 10-20 % less CPU a message (bench/throughput.py with
@@ -61,7 +67,7 @@ def create_app(prefix: str | None = None) -> Celery:
         accept_content=["json"],
         worker_pool="threads",
         worker_concurrency=8,
-        worker_prefetch_multiplier=2,
+        worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
