@@ -5,15 +5,18 @@ Needs Redis and, for PostgreSQL, DISPATCHER_BENCH_PG_URL (default postgresql://p
 
 One `dispatcher worker` process, the sandbox's eMsgNow endpoint, two accounts on it: `paced`
 (rate_limit 20/s, `--paced` messages, sent first) and `bulk` (no limit, `--bulk` messages, sent
-right after in chunks of 5,000). Alone, the paced messages take `--paced` / 20 seconds. It prints
-how long they took beside the bulk send, how long the bulk send took, and how often a paced
-message was handed back unsent because it woke, or had its start recorded, later than its
-rate-limit slot allows (the worker's log says so each time).
+right after in chunks of 5,000), then one `send()` to a third account, `single` (a one-time code
+sent while the bulk send is queued). Alone, the paced messages take `--paced` / 20 seconds. It
+prints how long they took beside the bulk send, how long the single message took from its
+send() to `accepted`, how long the bulk send took, and how often a paced message was handed
+back unsent because it woke, or had its start recorded, later than its rate-limit slot allows
+(the worker's log says so each time).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import tempfile
@@ -44,7 +47,8 @@ def one_run(store: str, latency_ms: int, paced_count: int, bulk_count: int, marg
             fh.write(f'[dispatcher]\nrate_margin = {margin}\n\n'
                      f'[providers.bulk]\nkind = "emsgnow"\nbase_url = "{base}"\napi_key = "{key}"\nfrom = "BULK"\n\n'
                      f'[providers.paced]\nkind = "emsgnow"\nbase_url = "{base}"\napi_key = "{key}"\nfrom = "PACED"\n'
-                     f'rate_limit = "{RATE}/s"\n')
+                     f'rate_limit = "{RATE}/s"\n\n'
+                     f'[providers.single]\nkind = "emsgnow"\nbase_url = "{base}"\napi_key = "{key}"\nfrom = "ONE"\n')
         os.environ.update(DISPATCHER_CONFIG=config, DISPATCHER_DATABASE_URL=url)
         runtime.configure(None)
         upgrade(url)
@@ -57,16 +61,24 @@ def one_run(store: str, latency_ms: int, paced_count: int, bulk_count: int, marg
             for chunk in range(0, bulk_count, 5000):
                 bulk += dispatcher.send_many([{"provider": "bulk", "to": "+14155550101", "text": f"b{i}"}
                                               for i in range(chunk, min(bulk_count, chunk + 5000))])
-            paced_status = wait_until_settled(paced, timeout=300, interval=0.2)
-            paced_s = time.monotonic() - start
-            bulk_status = wait_until_settled(bulk, timeout=300, interval=0.5)
-            bulk_s = time.monotonic() - start
+            single_start = time.monotonic()
+            single = dispatcher.send("single", "+14155550102", "your code is 1234").id
+
+            def settle(ids: list[str], since: float, interval: float) -> tuple[dict, float]:
+                statuses = wait_until_settled(ids, timeout=300, interval=interval)
+                return statuses, time.monotonic() - since
+
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                waits = [pool.submit(settle, paced, start, 0.1), pool.submit(settle, [single], single_start, 0.05),
+                         pool.submit(settle, bulk, start, 0.5)]
+                (paced_status, paced_s), (single_status, single_s), (bulk_status, bulk_s) = [w.result() for w in waits]
             with open(os.path.join(procs.logdir, "worker0.log")) as fh:
                 log = fh.read()
     woke_late = log.count("after its rate-limit slot")
     start_late = log.count("its start was recorded")
     print(f"{store:<10} {latency_ms} ms, rate_margin {margin}: {paced_count} paced in {paced_s:.1f} s "
           f"(alone: {paced_count / RATE:.1f} s) {dict(Counter(paced_status.values()))}; "
+          f"single send() {single_s:.2f} s {dict(Counter(single_status.values()))}; "
           f"{bulk_count} bulk in {bulk_s:.1f} s {dict(Counter(bulk_status.values()))}; "
           f"paced handed back for a missed slot {woke_late} times ({start_late} of them with the start recorded too late)",
           flush=True)

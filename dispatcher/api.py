@@ -121,7 +121,7 @@ def store_one(row: Row) -> tuple[Message, bool]:
     if stored.id != row.id:
         return _snapshot(stored), False  # the same idempotency key: the first one, nothing new
     if stored.status == QUEUED:
-        _enqueue_or_leave([stored.id])
+        _enqueue_or_leave([stored.id], priority=True)
     return _snapshot(stored), True
 
 
@@ -139,8 +139,9 @@ def send_many(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return store_many(build_many(messages))[0]
 
 
-def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
-    """Insert validated rows (row_values) in one transaction and enqueue the new ones in batches.
+def store_many(rows: list[dict[str, Any]], *, priority: bool = False) -> tuple[list[str], int]:
+    """Insert validated rows (row_values) in one transaction and enqueue the new ones in batches
+    (in the priority lane if `priority`: single sends gathered together, queue.enqueue).
 
     Returns one id per row, in order, and how many rows were new: for an idempotency key already
     stored (or repeated among the rows), the id of the message that holds it, and nothing new is
@@ -155,7 +156,7 @@ def store_many(rows: list[dict[str, Any]]) -> tuple[list[str], int]:
     with session_scope(s.database_url) as db:
         ids, inserted = insert_keyed(db, rows)
     new = {r["id"] for r in inserted if r["status"] == QUEUED}
-    _enqueue_or_leave([r["id"] for r in rows if r["id"] in new], s.batch_size)
+    _enqueue_or_leave([r["id"] for r in rows if r["id"] in new], s.batch_size, priority)
     return ids, len(inserted)
 
 
@@ -368,12 +369,12 @@ _COLUMN_DEFAULTS = _column_defaults()
 _HELD_AFTER = timedelta(seconds=1)  # a not_before further ahead than this waits in the store (scheduled)
 
 
-def _enqueue_or_leave(ids: list[str], batch_size: int | None = None) -> None:
+def _enqueue_or_leave(ids: list[str], batch_size: int | None = None, priority: bool = False) -> None:
     """Enqueue; if the broker is down the rows stay queued and the beat's sweep sends them later."""
     from .queue import enqueue
 
     try:
-        enqueue(ids, 0.0, batch_size)
+        enqueue(ids, 0.0, batch_size, priority=priority)
     except BrokerUnavailable as exc:
         log.warning("stored %d message(s) but could not enqueue them (%s); the beat will pick them up", len(ids), exc)
 

@@ -202,7 +202,7 @@ def broker_down(monkeypatch):
     from dispatcher import queue
     from dispatcher.errors import BrokerUnavailable
 
-    def refuse(ids, countdown=0.0, batch_size=100):
+    def refuse(ids, countdown=0.0, batch_size=None, priority=False):
         raise BrokerUnavailable("broker unreachable (test)")
 
     monkeypatch.setattr(queue, "enqueue", refuse)

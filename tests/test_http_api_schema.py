@@ -45,7 +45,7 @@ def schema_env(tmp_path_factory, sandbox, redis_url):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DISPATCHER_CONFIG", write_config(work / "dispatcher.toml", sandbox))
         mp.setenv("DISPATCHER_DATABASE_URL", f"sqlite:///{work / 'dispatcher.db'}")
-        mp.setattr(queue, "enqueue", lambda ids, countdown=0.0, batch_size=100: None)
+        mp.setattr(queue, "enqueue", lambda ids, countdown=0.0, batch_size=None, priority=False: None)
         runtime.configure(None)
         _, key = create_key(f"schemathesis-{uuid.uuid4().hex[:6]}")
         with ApiThread() as server:

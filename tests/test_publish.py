@@ -3,6 +3,7 @@ short in Celery's logs and monitors (its first id and how many it carries)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -54,19 +55,32 @@ def test_every_publisher_uses_the_configured_batch_size(published):
     assert [len(t["ids"]) for t in published] == [50, 50, 20]
 
 
-def test_a_task_with_a_countdown_is_taken_before_a_bulk_send_queued_ahead_of_it(dispatcher_env, redis_client,
-                                                                                 redis_prefix, monkeypatch):
-    """A retry, or a rate-limited account's next turn, reaches a worker (which holds it until it
-    is due) at once, not after every task of a bulk send published before it: a worker takes
-    from its queues in turn, as the worker's own consumer does here."""
+@pytest.mark.parametrize("publish", ["a single send()", "a single send over HTTP", "a retry's countdown"])
+def test_a_single_send_or_a_retry_is_taken_before_a_bulk_send_queued_ahead_of_it(publish, dispatcher_env,
+                                                                                  redis_prefix, monkeypatch):
+    """A one-time code, a retry or a rate-limited account's next turn reaches a worker (which
+    holds a countdown task until it is due) at once, not after every task of a bulk send
+    published before it: a worker takes from its queues in turn, as the worker's own consumer
+    does here."""
     from kombu import Consumer, Queue
 
     from dispatcher import celery_app, keys, queue
 
     app = celery_app.create_app(prefix=f"{redis_prefix}lane")  # out of the session worker's reach
     monkeypatch.setattr(celery_app, "app", app)
-    queue.enqueue([f"{i:032x}" for i in range(30 * 200)])  # a bulk send: 30 tasks to send now
-    queue.enqueue(["f" * 32], countdown=0.5)
+    queue.enqueue([f"{i:032x}" for i in range(30 * 200)])  # a bulk send: 30 tasks
+    if publish == "a single send()":
+        wanted = [dispatcher.send("alerts", "+14155550123", "your code is 1234").id]
+    elif publish == "a single send over HTTP":  # POST /v1/messages stores it through a GroupCommit
+        from dispatcher.api import row_values
+        from dispatcher.httpapi.group_commit import GroupCommit
+
+        values = row_values("alerts", "+14155550123", "your code is 1234")
+        asyncio.run(GroupCommit().add(values))
+        wanted = [values["id"]]
+    else:
+        wanted = ["f" * 32]
+        queue.enqueue(wanted, countdown=0.5)
     taken: list[list[str]] = []
 
     def take(body, message):
@@ -78,4 +92,7 @@ def test_a_task_with_a_countdown_is_taken_before_a_bulk_send_queued_ahead_of_it(
                       accept=["json"], callbacks=[take]):
             for _ in range(3):
                 conn.drain_events(timeout=5)
-    assert ["f" * 32] in taken[:2]
+        with conn.channel() as channel:  # the bulk tasks left: out of Redis
+            for name in keys.WORKER_QUEUES:
+                Queue(name, channel=channel).purge()
+    assert wanted in taken[:2]

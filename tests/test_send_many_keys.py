@@ -39,7 +39,7 @@ def store(request, dispatcher_env, monkeypatch):
     enqueued: list[str] = []
     lock = threading.Lock()
 
-    def record(ids, countdown=0.0, batch_size=100):
+    def record(ids, countdown=0.0, batch_size=None, priority=False):
         with lock:
             enqueued.extend(ids)
 

@@ -14,6 +14,7 @@ common.one_writer). Each request is answered only after its row is committed.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, Callable
 
 from .. import api
@@ -26,7 +27,8 @@ class GroupCommit:
     """Gathers validated rows and stores them a group at a time; `add` returns once committed."""
 
     def __init__(self, store: Store | None = None, max_rows: int = 500, writers: int = 2) -> None:
-        self._store, self._max_rows, self._most = one_writer(store or api.store_many), max_rows, writers
+        single_sends = functools.partial(api.store_many, priority=True)  # queue.enqueue: not behind bulk sends
+        self._store, self._max_rows, self._most = one_writer(store or single_sends), max_rows, writers
         self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._writers: set[asyncio.Task[None]] = set()
 
