@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,11 +77,14 @@ def one_run(store: str, latency_ms: int, paced_count: int, bulk_count: int, marg
                 log = fh.read()
     woke_late = log.count("after its rate-limit slot")
     start_late = log.count("its start was recorded")
+    late = sorted(float(x) for x in re.findall(r"(\d+\.\d+)s after its rate-limit slot", log))
+    late_ms = f", late by {1000 * late[len(late) // 2]:.0f} ms (median), {1000 * late[-1]:.0f} ms (most)" if late else ""
     print(f"{store:<10} {latency_ms} ms, rate_margin {margin}: {paced_count} paced in {paced_s:.1f} s "
           f"(alone: {paced_count / RATE:.1f} s) {dict(Counter(paced_status.values()))}; "
           f"single send() {single_s:.2f} s {dict(Counter(single_status.values()))}; "
           f"{bulk_count} bulk in {bulk_s:.1f} s {dict(Counter(bulk_status.values()))}; "
-          f"paced handed back for a missed slot {woke_late} times ({start_late} of them with the start recorded too late)",
+          f"paced handed back for a missed slot {woke_late} times ({start_late} of them with the start recorded too late)"
+          f"{late_ms}",
           flush=True)
 
 

@@ -37,7 +37,7 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
 from datetime import datetime, timedelta
@@ -65,7 +65,8 @@ MISSED_SLOT = object()  # a send that woke too late for its reserved rate-limit 
 NOT_STARTED = object()  # not sent: the worker is stopping, or its start could not be recorded
 NOT_OURS = object()  # not sent: the claim was taken from this worker (the reaper judged it dead)
 STARTED = object()
-MARK_LEAD = 0.02  # seconds before a reserved slot a start is recorded (kinds with a harmless resend)
+MARK_LEAD = 0.02  # seconds before a reserved slot a start is recorded, at least (kinds with a harmless resend)
+START_LEAD_MAX = 0.05  # seconds before a reserved slot a start is recorded, at most (StartTimes)
 RECORD_PATIENCE = 120.0  # seconds a batch's record is retried while the store is away
 THROTTLE_LEAD = 0.25  # of throttle_wait: how early a throttled message comes back for its next slot
 BROKER_WAIT_MAX = 60.0  # longer waits are held in the store (released by the beat), never as Celery ETAs
@@ -286,10 +287,12 @@ class Starts:
         worker killed in between leaves a claim that "may have started" though nothing went."""
         if deadline is not None:
             self._deadlines[message_id] = deadline
+        began = time.monotonic()
         try:
             answer = await self._marks.submit(message_id, STARTED)
         finally:
             self._deadlines.pop(message_id, None)
+            start_times.add(time.monotonic() - began)
         if message_id in self._late:
             self._late.discard(message_id)
             return MISSED_SLOT
@@ -348,6 +351,40 @@ class Starts:
         if new:
             transport.process_loop().at_close(loopstarts.close_for_loop)
         return writer
+
+
+class StartTimes:
+    """How long recording a start has taken lately on this process's send loop (the 90th
+    percentile of the last 32, the wait for the store's turn included), and so how far ahead
+    of a rate-limited send's slot its start write must begin to end in time (`lead`).
+
+    A start recorded after the slot's slack is taken back and the message goes round again;
+    begun at the slot itself, a write slower than the slack (10 ms for an "N/s" limit: a store
+    across a network, or a loop busy with a bulk send) made every such send miss, for ever.
+    """
+
+    def __init__(self) -> None:
+        self.recent: deque[float] = deque(maxlen=32)
+        self.p90 = 0.0
+        self._added = 0
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+        self._added += 1
+        if self._added % 8 == 0:  # sorted every 8th: this runs once per message sent
+            self.p90 = sorted(self.recent)[len(self.recent) * 9 // 10]
+
+    def lead(self, slack: float, harmless_resend: bool) -> float:
+        """Seconds before its slot a send with `slack` begins its start write. Where a resend is
+        harmless, early enough for the whole write (at least MARK_LEAD); elsewhere only as early
+        as it takes to end within half the slack, so that a worker killed after the write and
+        before its request (a message written off `unknown` that never went) stays unlikely."""
+        if harmless_resend:
+            return max(MARK_LEAD, min(self.p90, START_LEAD_MAX))
+        return min(max(self.p90 - slack / 2, 0.0), START_LEAD_MAX)
+
+
+start_times = StartTimes()  # used from the send loop's thread only
 
 
 class BulkSlots:
@@ -704,10 +741,16 @@ async def send_all(
                 return _not_sent(m, held, "its rate-limit slot was taken and no new one came in time")
             slot = held
         at, slack = slot.at, slot.slack
-        # Record the start a moment ahead of a reserved slot, so the store's latency never delays
-        # the send, where a start recorded for nothing is harmless (a resend under the same key);
-        # elsewhere at the slot itself, so a crash leaves the shortest "may have started" gap.
-        lead = MARK_LEAD if slack is not None and adapter.idempotent_retry else 0.0
+        # Record the start of a rate-limited send ahead of its slot, so that the store's latency
+        # does not make it miss the slot (StartTimes, read close to the slot: as the store is
+        # then): where a start recorded for nothing is harmless (a resend under the same key),
+        # early enough for the whole write; elsewhere only as early as needed, so a crash
+        # leaves the shortest "may have started" gap.
+        lead = 0.0
+        if slack is not None:
+            if at - START_LEAD_MAX - time.monotonic() > 0:
+                await asyncio.sleep(at - START_LEAD_MAX - time.monotonic())
+            lead = start_times.lead(slack, adapter.idempotent_retry)
         if at - lead - time.monotonic() > 0:
             await asyncio.sleep(at - lead - time.monotonic())
         async with loop.request_slot(m.provider):  # the account's requests in flight in this process
@@ -721,11 +764,11 @@ async def send_all(
                     return _not_sent(m, started, "its start was not recorded as this claim's")
             while at - time.monotonic() > 0:  # uvloop rounds a sleep to the millisecond: it may wake early
                 await asyncio.sleep(at - time.monotonic())
-            if slack is not None and time.monotonic() > at + slack:
+            late = time.monotonic() - at
+            if slack is not None and late > slack:
                 if starts is not None:  # the store was slow to record the start: nothing left, say so first
                     await starts.unstart(m.id)
-                return _not_sent(m, MISSED_SLOT, f"its start was recorded {time.monotonic() - at:.3f}s after its "
-                                 "rate-limit slot")
+                return _not_sent(m, MISSED_SLOT, f"its start was recorded {late:.3f}s after its rate-limit slot")
             return await adapter.send(client, outbound(m, adapter))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)

@@ -500,6 +500,56 @@ def test_a_start_whose_write_waited_past_the_slot_is_not_recorded_at_all(tmp_pat
 
 
 
+def test_rate_limited_sends_keep_their_slots_when_the_store_is_slower_than_a_slot_allows(pg_url, monkeypatch):
+    """Every start write here takes 60 ms more (a store across a network), more than the 40 ms
+    a send may be late for its rate-limit slot. Begun at the slot, each start was recorded too
+    late, taken back, and its message went round again, for ever; begun ahead of the slot by
+    what start writes have taken lately, the sends go in their slots, never before them, even
+    for a kind whose resend is not harmless (eMsgNow)."""
+    import asyncio
+    import time
+
+    from dispatcher import dispatch, transport
+    from dispatcher.store import loopstarts
+
+    upgrade(pg_url)
+    ids = _add(pg_url, 16)
+    with session_scope(pg_url) as db:
+        messages = sorted(queries.claim(db, ids, utcnow(), TOKEN, "w1"), key=lambda m: ids.index(m.id))
+    write = loopstarts._run
+
+    async def far_write(conn, sql, params):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0.06)
+        return await write(conn, sql, params)
+
+    gone: dict[str, float] = {}
+
+    class Adapter:
+        idempotent_retry = False  # eMsgNow's kind: its start is recorded no earlier than it must be
+
+        def merged_options(self, options: dict) -> dict:
+            return options
+
+        async def send(self, client, msg):  # type: ignore[no-untyped-def]
+            gone[msg.id] = time.monotonic()
+            return "sent"
+
+    monkeypatch.setattr(loopstarts, "_run", far_write)
+    monkeypatch.setattr(dispatch.runtime, "adapter_for", lambda account: Adapter())
+    monkeypatch.setattr(dispatch, "start_times", dispatch.StartTimes())  # nothing learnt from other tests
+    starts = dispatch.Starts(pg_url, TOKEN, utcnow)
+    first = time.monotonic() + 0.1
+    send_at = {m.id: dispatch.Slot(first + n * 0.1, slack=0.04) for n, m in enumerate(messages)}
+
+    async def send_all():  # type: ignore[no-untyped-def]
+        return await dispatch.send_all(messages, send_at, starts)
+
+    results = transport.process_loop().run(send_all)
+    learnt = messages[10:]  # the first eight sends teach it how long a start write takes
+    assert [results[messages.index(m)] for m in learnt] == ["sent"] * len(learnt)
+    assert all(0 <= gone[m.id] - send_at[m.id].at <= 0.04 for m in messages if m.id in gone)
+
+
 @contextlib.contextmanager
 def _plans(db):  # type: ignore[no-untyped-def]
     """The plans PostgreSQL runs for the statements sent inside, as it runs them in a long-lived
