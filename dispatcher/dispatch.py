@@ -768,7 +768,8 @@ async def send_all(
             if slack is not None and late > slack:
                 if starts is not None:  # the store was slow to record the start: nothing left, say so first
                     await starts.unstart(m.id)
-                return _not_sent(m, MISSED_SLOT, f"its start was recorded {late:.3f}s after its rate-limit slot")
+                return _not_sent(m, MISSED_SLOT, f"its start was recorded {late:.3f}s after its rate-limit slot (begun "
+                                 f"{lead:.3f}s ahead; start writes lately took {start_times.p90:.3f}s)")
             return await adapter.send(client, outbound(m, adapter))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
