@@ -454,12 +454,33 @@ def _run_celery(which: str, rest: list[str]) -> int:
 
         metrics.serve(opts.metrics_port, opts.metrics_host)
     argv = [which, *rest]
-    if which == "worker" and not any(a.startswith(("-Q", "--queues")) for a in rest):
+    if which == "worker":
         from . import keys
 
-        argv += ["-Q", ",".join(keys.WORKER_QUEUES)]
+        named = _queues_named(rest)
+        if named is None:
+            argv += ["-Q", ",".join(keys.WORKER_QUEUES)]
+        elif keys.QUEUE_PRIORITY not in named:
+            print(f"warning: this worker does not read {keys.QUEUE_PRIORITY}: single sends, retries and rate-limited "
+                  "messages' next turns wait for a worker that does (docs/operations.md, Queues)", file=sys.stderr)
     app.start(argv=argv)
     return EXIT_OK
+
+
+def _queues_named(args: list[str]) -> set[str] | None:
+    """The queues a celery `-Q`/`--queues` option among `args` names; None without one."""
+    named: set[str] | None = None
+    for i, arg in enumerate(args):
+        if arg in ("-Q", "--queues"):
+            value = args[i + 1] if i + 1 < len(args) else ""
+        elif arg.startswith("--queues="):
+            value = arg.split("=", 1)[1]
+        elif arg.startswith("-Q"):
+            value = arg[2:]
+        else:
+            continue
+        named = (named or set()) | {name.strip() for name in value.split(",")}
+    return named
 
 
 def _metrics_args(opts: argparse.Namespace | None) -> list[str]:

@@ -16,8 +16,9 @@ Every outcome of an attempt is settled in one place, `settle()`:
 A message's attempt is one claim, recorded in the store at each step (docs/failures.md):
 
     claim       queued -> sending, naming the claim (token) and this worker process
-    start       started_at set, compare-and-set on the claim, just before the request is written;
-                a message whose start is not recorded is never sent
+    start       started_at set, compare-and-set on the claim, just before the request is written
+                (a rate-limited one: as far ahead of its slot as start writes lately need,
+                StartTimes); a message whose start is not recorded is never sent
     record      the outcome, written only while the same claim still holds the message
 
 so a task delivered twice sends once, a late result never lands on a later claim, and the
@@ -354,9 +355,10 @@ class Starts:
 
 
 class StartTimes:
-    """How long recording a start has taken lately on this process's send loop (the 90th
-    percentile of the last 32, the wait for the store's turn included), and so how far ahead
-    of a rate-limited send's slot its start write must begin to end in time (`lead`).
+    """How long recording a start has taken lately on this process's send loop (the median and
+    the 90th percentile of the last 32, from the send's call to its answer: the store's round
+    trip, the wait for a turn and the loop's lag), and so how far ahead of a rate-limited
+    send's slot its start write must begin to end in time (`lead`).
 
     A start recorded after the slot's slack is taken back and the message goes round again;
     begun at the slot itself, a write slower than the slack (10 ms for an "N/s" limit: a store
@@ -365,23 +367,25 @@ class StartTimes:
 
     def __init__(self) -> None:
         self.recent: deque[float] = deque(maxlen=32)
-        self.p90 = 0.0
+        self.p50 = self.p90 = 0.0
         self._added = 0
 
     def add(self, seconds: float) -> None:
         self.recent.append(seconds)
         self._added += 1
         if self._added % 8 == 0:  # sorted every 8th: this runs once per message sent
-            self.p90 = sorted(self.recent)[len(self.recent) * 9 // 10]
+            ordered = sorted(self.recent)
+            self.p50, self.p90 = ordered[len(ordered) // 2], ordered[len(ordered) * 9 // 10]
 
     def lead(self, slack: float, harmless_resend: bool) -> float:
         """Seconds before its slot a send with `slack` begins its start write. Where a resend is
-        harmless, early enough for the whole write (at least MARK_LEAD); elsewhere only as early
-        as it takes to end within half the slack, so that a worker killed after the write and
-        before its request (a message written off `unknown` that never went) stays unlikely."""
+        harmless, early enough for nine writes in ten (at least MARK_LEAD); elsewhere only as
+        early as a typical write needs to end within half the slack, so that a worker killed
+        after the write and before its request (a message written off `unknown` that never
+        went) stays unlikely: a slower write than that misses the slot and goes round again."""
         if harmless_resend:
             return max(MARK_LEAD, min(self.p90, START_LEAD_MAX))
-        return min(max(self.p90 - slack / 2, 0.0), START_LEAD_MAX)
+        return min(max(self.p50 - slack / 2, 0.0), START_LEAD_MAX)
 
 
 start_times = StartTimes()  # used from the send loop's thread only
@@ -398,12 +402,13 @@ class BulkSlots:
         self._confirms = _Coalesced(self._confirm, "confirm the rate-limit slots of")
         self._tickets: dict[str, tuple[str, str]] = {}  # message id -> (account, ticket) being confirmed
 
-    async def hold(self, message_id: str, account: str, slot: Slot) -> object:
-        """The slot to send at, now this message's for good (a Slot without a ticket);
-        MISSED_SLOT when no new slot comes within throttle_wait, NOT_STARTED when Redis is away:
-        either way the message is handed back unstarted."""
+    async def hold(self, message_id: str, account: str, slot: Slot, ahead: float = 0.0) -> object:
+        """The slot to send at, now this message's for good (a Slot without a ticket), confirmed
+        CONFIRM_LEAD before the send's start write begins (`ahead` of the slot); MISSED_SLOT when
+        no new slot comes within throttle_wait, NOT_STARTED when Redis is away: either way the
+        message is handed back unstarted."""
         while slot.ticket is not None:
-            wait = slot.at - CONFIRM_LEAD - time.monotonic()
+            wait = slot.at - ahead - CONFIRM_LEAD - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             self._tickets[message_id] = (account, slot.ticket)
@@ -731,9 +736,19 @@ async def send_all(
     async def attempt(m: Message) -> object:
         adapter = runtime.adapter_for(m.provider)
         slot = send_at.get(m.id) or Slot(0.0)
-        if slot.ticket is not None and bulk_slots is not None:  # a single send may have taken it
+        ticketed = slot.ticket is not None and bulk_slots is not None  # a single send may take it until confirmed
+        # Record the start of a rate-limited send ahead of its slot, so that the store's latency
+        # does not make it miss the slot (StartTimes, read close to the slot: as the store is
+        # then): where a start recorded for nothing is harmless (a resend under the same key),
+        # early enough for the whole write; elsewhere only as early as needed, so a crash
+        # leaves the shortest "may have started" gap. A campaign's slot is confirmed before that.
+        lead = 0.0
+        if slot.slack is not None:
+            await _until(slot.at - START_LEAD_MAX - (CONFIRM_LEAD if ticketed else 0.0))
+            lead = start_times.lead(slot.slack, adapter.idempotent_retry)
+        if ticketed:
             try:
-                held = await bulk_slots.hold(m.id, m.provider, slot)
+                held = await bulk_slots.hold(m.id, m.provider, slot, lead)  # type: ignore[union-attr]
             except Exception:  # noqa: BLE001 - nothing was sent: handed back unstarted, never `unknown`
                 log.exception("could not hold the rate-limit slot of %s; handed back unstarted", m.id)
                 return NOT_STARTED
@@ -741,18 +756,7 @@ async def send_all(
                 return _not_sent(m, held, "its rate-limit slot was taken and no new one came in time")
             slot = held
         at, slack = slot.at, slot.slack
-        # Record the start of a rate-limited send ahead of its slot, so that the store's latency
-        # does not make it miss the slot (StartTimes, read close to the slot: as the store is
-        # then): where a start recorded for nothing is harmless (a resend under the same key),
-        # early enough for the whole write; elsewhere only as early as needed, so a crash
-        # leaves the shortest "may have started" gap.
-        lead = 0.0
-        if slack is not None:
-            if at - START_LEAD_MAX - time.monotonic() > 0:
-                await asyncio.sleep(at - START_LEAD_MAX - time.monotonic())
-            lead = start_times.lead(slack, adapter.idempotent_retry)
-        if at - lead - time.monotonic() > 0:
-            await asyncio.sleep(at - lead - time.monotonic())
+        await _until(at - lead)
         async with loop.request_slot(m.provider):  # the account's requests in flight in this process
             if stopping is not None and stopping.is_set():
                 return _not_sent(m, NOT_STARTED, "the worker is stopping")
@@ -769,10 +773,17 @@ async def send_all(
                 if starts is not None:  # the store was slow to record the start: nothing left, say so first
                     await starts.unstart(m.id)
                 return _not_sent(m, MISSED_SLOT, f"its start was recorded {late:.3f}s after its rate-limit slot (begun "
-                                 f"{lead:.3f}s ahead; start writes lately took {start_times.p90:.3f}s)")
+                                 f"{lead:.3f}s ahead; start writes lately took {start_times.p50:.3f}s, "
+                                 f"{start_times.p90:.3f}s at the 90th percentile)")
             return await adapter.send(client, outbound(m, adapter))
 
     return await asyncio.gather(*(one(m) for m in messages), return_exceptions=True)
+
+
+async def _until(instant: float) -> None:
+    """Sleep until `instant` (time.monotonic()), if it is still ahead."""
+    if instant - time.monotonic() > 0:
+        await asyncio.sleep(instant - time.monotonic())
 
 
 def _not_sent(m: Message, answer: object, why: str) -> object:

@@ -70,8 +70,8 @@ def test_a_send_goes_through_rabbitmq_to_the_provider_once(dispatcher_env, sandb
         log.close()
     queues = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", amqp_vhost, "name"], capture_output=True,
                             text=True, timeout=60).stdout
-    assert "dispatcher.send" in queues  # the task went through the vhost's queue...
-    broker_keys = [k for k in redis_client.scan_iter(f"{prefix}:*") if b"dispatcher.send" in k or b"kombu" in k
+    assert "dispatcher.priority" in queues  # a single send's task went through the vhost's queue...
+    broker_keys = [k for k in redis_client.scan_iter(f"{prefix}:*") if b"dispatcher." in k or b"kombu" in k
                    or b"unacked" in k]
     assert broker_keys == []  # ...not a Redis list
     assert "Connected to amqp://guest:**@" in (tmp_path / "worker.log").read_text()
