@@ -408,9 +408,7 @@ class BulkSlots:
         no new slot comes within throttle_wait, NOT_STARTED when Redis is away: either way the
         message is handed back unstarted."""
         while slot.ticket is not None:
-            wait = slot.at - ahead - CONFIRM_LEAD - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await _until(slot.at - ahead - CONFIRM_LEAD)
             self._tickets[message_id] = (account, slot.ticket)
             answer = await self._confirms.submit(message_id, STARTED)
             if answer is STARTED:
