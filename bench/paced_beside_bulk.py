@@ -5,12 +5,12 @@ Needs Redis and, for PostgreSQL, DISPATCHER_BENCH_PG_URL (default postgresql://p
 
 One `dispatcher worker` process, the sandbox's eMsgNow endpoint, two accounts on it: `paced`
 (rate_limit 20/s, `--paced` messages, sent first) and `bulk` (no limit, `--bulk` messages, sent
-right after in chunks of 5,000), then one `send()` to a third account, `single` (a one-time code
-sent while the bulk send is queued). Alone, the paced messages take `--paced` / 20 seconds. It
-prints how long they took beside the bulk send, how long the single message took from its
-send() to `accepted`, how long the bulk send took, and how often a paced message was handed
-back unsent because it woke, or had its start recorded, later than its rate-limit slot allows
-(the worker's log says so each time).
+right after in chunks of 5,000), then `send()`s to a third account, `single` (one-time codes),
+one after another while the bulk send lasts. Alone, the paced messages take `--paced` / 20
+seconds. It prints how long they took beside the bulk send, how long each single message took
+from its send() to `accepted` (median and most), how long the bulk send took, and how often a
+paced message was handed back unsent because it woke, or had its start recorded, later than its
+rate-limit slot allows (the worker's log says so each time).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import os
 import re
+import threading
 import sys
 import tempfile
 import time
@@ -62,17 +63,29 @@ def one_run(store: str, latency_ms: int, paced_count: int, bulk_count: int, marg
             for chunk in range(0, bulk_count, 5000):
                 bulk += dispatcher.send_many([{"provider": "bulk", "to": "+14155550101", "text": f"b{i}"}
                                               for i in range(chunk, min(bulk_count, chunk + 5000))])
-            single_start = time.monotonic()
-            single = dispatcher.send("single", "+14155550102", "your code is 1234").id
+            bulk_done = threading.Event()
 
             def settle(ids: list[str], since: float, interval: float) -> tuple[dict, float]:
                 statuses = wait_until_settled(ids, timeout=300, interval=interval)
                 return statuses, time.monotonic() - since
 
+            def singles() -> tuple[list[float], Counter]:
+                """One send() at a time while the bulk send lasts: each one's time to settle."""
+                took, outcomes = [], Counter()
+                while not bulk_done.is_set() or not took:
+                    sent_at = time.monotonic()
+                    one = dispatcher.send("single", "+14155550102", "your code is 1234").id
+                    outcomes.update(settle([one], sent_at, 0.02)[0].values())
+                    took.append(time.monotonic() - sent_at)
+                    bulk_done.wait(0.3)
+                return took, outcomes
+
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                waits = [pool.submit(settle, paced, start, 0.1), pool.submit(settle, [single], single_start, 0.05),
-                         pool.submit(settle, bulk, start, 0.5)]
-                (paced_status, paced_s), (single_status, single_s), (bulk_status, bulk_s) = [w.result() for w in waits]
+                waits = [pool.submit(settle, paced, start, 0.1), pool.submit(singles), pool.submit(settle, bulk, start, 0.5)]
+                bulk_status, bulk_s = waits[2].result()
+                bulk_done.set()
+                (paced_status, paced_s), (single_s, single_status) = waits[0].result(), waits[1].result()
+            single_s.sort()
             with open(os.path.join(procs.logdir, "worker0.log")) as fh:
                 log = fh.read()
     woke_late = log.count("after its rate-limit slot")
@@ -81,7 +94,8 @@ def one_run(store: str, latency_ms: int, paced_count: int, bulk_count: int, marg
     late_ms = f", late by {1000 * late[len(late) // 2]:.0f} ms (median), {1000 * late[-1]:.0f} ms (most)" if late else ""
     print(f"{store:<10} {latency_ms} ms, rate_margin {margin}: {paced_count} paced in {paced_s:.1f} s "
           f"(alone: {paced_count / RATE:.1f} s) {dict(Counter(paced_status.values()))}; "
-          f"single send() {single_s:.2f} s {dict(Counter(single_status.values()))}; "
+          f"{len(single_s)} single send()s one after another meanwhile: {single_s[len(single_s) // 2]:.2f} s (median), "
+          f"{single_s[-1]:.2f} s (most) {dict(single_status)}; "
           f"{bulk_count} bulk in {bulk_s:.1f} s {dict(Counter(bulk_status.values()))}; "
           f"paced handed back for a missed slot {woke_late} times ({start_late} of them with the start recorded too late)"
           f"{late_ms}",
