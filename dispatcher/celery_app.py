@@ -25,9 +25,9 @@ duplicates cheap and its losses short:
   send's: with 2, 100 messages to a 20/s account beside a bulk send took 7.5-9.4 s instead of
   5 s; with 1, 5.9-6.6 s, and the bulk send no slower (bench/paced_beside_bulk.py,
   bench/throughput.py). What a killed worker had prefetched is published again as above.
-* Three queues, read in turn: dispatcher.priority (a single send(), retries, rate-limited
-  turns), dispatcher.send (bulk: send_many(), campaigns, releases) and dispatcher.beat; so
-  neither of the first two waits behind the other (queue.py).
+* Four queues, read in turn: dispatcher.priority (single sends), dispatcher.later (retries and
+  rate-limited turns, held until due), dispatcher.send (bulk: send_many(), campaigns,
+  releases) and dispatcher.beat; so none of the first three waits behind another (queue.py).
 * worker_concurrency 8: a task only claims and hands its sends to the process's event loop,
   so a few threads keep it fed; more only contend for the GIL with the loop. Against 16, one
   worker sent 3-12 % more per second with 10-20 % less CPU a message (bench/throughput.py with

@@ -460,9 +460,10 @@ def _run_celery(which: str, rest: list[str]) -> int:
         named = _queues_named(rest)
         if named is None:
             argv += ["-Q", ",".join(keys.WORKER_QUEUES)]
-        elif keys.QUEUE_PRIORITY not in named:
-            print(f"warning: this worker does not read {keys.QUEUE_PRIORITY}: single sends, retries and rate-limited "
-                  "messages' next turns wait for a worker that does (docs/operations.md, Queues)", file=sys.stderr)
+        elif not named >= {keys.QUEUE_PRIORITY, keys.QUEUE_LATER}:
+            left_out = ", ".join(q for q in (keys.QUEUE_PRIORITY, keys.QUEUE_LATER) if q not in named)
+            print(f"warning: this worker does not read {left_out}: single sends, retries and rate-limited messages' "
+                  "next turns wait for a worker that does (docs/operations.md, Queues)", file=sys.stderr)
     app.start(argv=argv)
     return EXIT_OK
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 
 QUEUE_SEND = "dispatcher.send"  # messages in bulk: send_many(), campaigns, the beat's releases
-QUEUE_PRIORITY = "dispatcher.priority"  # a single send(), a retry, a rate-limited turn (queue.py)
+QUEUE_PRIORITY = "dispatcher.priority"  # single sends: send(), POST /v1/messages, recurring reminders
+QUEUE_LATER = "dispatcher.later"  # tasks with a countdown: retries, rate-limited turns (queue.py)
 QUEUE_BEAT = "dispatcher.beat"
-WORKER_QUEUES = (QUEUE_PRIORITY, QUEUE_SEND, QUEUE_BEAT)  # what `dispatcher worker` reads, in turn
+WORKER_QUEUES = (QUEUE_PRIORITY, QUEUE_LATER, QUEUE_SEND, QUEUE_BEAT)  # what `dispatcher worker` reads, in turn
 TASK_DISPATCH = "dispatcher.dispatch"
 TASK_TICK = "dispatcher.tick"
 TASK_POLL = "dispatcher.poll_status"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from .keys import QUEUE_PRIORITY, QUEUE_SEND, TASK_DISPATCH
+from .keys import QUEUE_LATER, QUEUE_PRIORITY, QUEUE_SEND, TASK_DISPATCH
 from .errors import BrokerUnavailable
 
 log = logging.getLogger("dispatcher.queue")
@@ -15,13 +15,14 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int | None =
             priority: bool = False) -> None:
     """Publish dispatch tasks for `ids`, at most `batch_size` ids per task (the configured one if None).
 
-    Two lanes: tasks with a countdown (a retry, a rate-limited message's next turn) and those
-    published with `priority` (a single send()) go to QUEUE_PRIORITY, the rest (send_many(),
-    campaigns, the beat's releases) to QUEUE_SEND. Workers read the two in turn, so a one-time
-    code or a paced account's next turn never waits behind a bulk send queued before it: in one
-    queue, a single send() waited 15-17 s behind 20,000 messages, and a paced account's 1.5 s
-    turn as long (bench/paced_beside_bulk.py). A countdown task is taken at once and held by
-    the worker until it is due.
+    Three lanes, which workers read in turn: tasks published with `priority` (single sends) go
+    to QUEUE_PRIORITY, tasks with a countdown (a retry, a rate-limited message's next turn) to
+    QUEUE_LATER, the rest (send_many(), campaigns, the beat's releases) to QUEUE_SEND. So a
+    one-time code or a paced account's next turn does not wait behind a bulk send queued before
+    it (in one queue, a single send() waited 15-17 s behind 20,000 messages, and a paced
+    account's 1.5 s turn as long: bench/paced_beside_bulk.py), nor a one-time code behind a
+    flood of a failing bulk send's retries. A countdown task is taken at once and held by the
+    worker until it is due.
 
     A task's `argsrepr` (what Celery's logs and monitors show for its arguments) names its first
     id and how many it carries: Celery's own repr of a list of 200 ids cost more than the rest
@@ -39,7 +40,7 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int | None =
         from .runtime import settings
 
         batch_size = settings().batch_size
-    queue = QUEUE_PRIORITY if priority or countdown else QUEUE_SEND
+    queue = QUEUE_PRIORITY if priority else QUEUE_LATER if countdown else QUEUE_SEND
     try:
         with app.producer_or_acquire() as producer:
             for start in range(0, len(ids), batch_size):

@@ -54,8 +54,8 @@ def test_worker_without_redis_says_so_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("queues", [[], ["-Q", "dispatcher.send,dispatcher.beat"], ["--queues=dispatcher.send"]])
 def test_a_worker_reads_every_queue_or_says_which_it_leaves_out(queues, dispatcher_env, monkeypatch, capsys):
-    """Without -Q a worker reads all three queues; given a -Q without dispatcher.priority, it
-    warns that single sends, retries and rate-limited turns wait for another worker."""
+    """Without -Q a worker reads all four queues; given a -Q without dispatcher.priority or
+    dispatcher.later, it warns that single sends, retries and rate-limited turns wait for another worker."""
     from dispatcher import keys
     from dispatcher.worker import app
 
@@ -63,7 +63,7 @@ def test_a_worker_reads_every_queue_or_says_which_it_leaves_out(queues, dispatch
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # run here rather than exec a new process
     monkeypatch.setattr(app, "start", lambda argv: started.append(argv))
     assert main(["worker", "--processes", "1", *queues]) == 0
-    warned = f"does not read {keys.QUEUE_PRIORITY}" in capsys.readouterr().err
+    warned = f"does not read {keys.QUEUE_PRIORITY}, {keys.QUEUE_LATER}" in capsys.readouterr().err
     if queues:
         assert warned and started == [["worker", *queues]]
     else:
