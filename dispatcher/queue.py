@@ -40,7 +40,7 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int | None =
         from .runtime import settings
 
         batch_size = settings().batch_size
-    queue = QUEUE_PRIORITY if priority else QUEUE_LATER if countdown else QUEUE_SEND
+    queue = lane(countdown, priority)
     try:
         with app.producer_or_acquire() as producer:
             for start in range(0, len(ids), batch_size):
@@ -59,6 +59,11 @@ def enqueue(ids: Sequence[str], countdown: float = 0.0, batch_size: int | None =
 
             raise BrokerUnavailable(hide_url_passwords(f"cannot reach the broker: {type(exc).__name__}: {exc}")) from exc
         raise
+
+
+def lane(countdown: float = 0.0, priority: bool = False) -> str:
+    """The queue a dispatch task goes to (enqueue's docstring says why)."""
+    return QUEUE_PRIORITY if priority else QUEUE_LATER if countdown else QUEUE_SEND
 
 
 def _argsrepr(ids: list[str]) -> str:

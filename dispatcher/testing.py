@@ -15,7 +15,8 @@ import tempfile
 import time
 from typing import Iterable, Mapping
 
-from .keys import QUEUE_LATER, QUEUE_SEND, TASK_DISPATCH
+from .keys import TASK_DISPATCH
+from .queue import lane
 
 SETTLED = {"accepted", "delivered", "failed", "rejected", "expired", "cancelled", "unknown"}
 
@@ -66,7 +67,7 @@ class WorkerProcesses:
             with app.producer_or_acquire() as producer:
                 for start in range(0, len(ids), batch_size):
                     app.send_task(TASK_DISPATCH, args=[ids[start:start + batch_size]], countdown=countdown or None,
-                                  queue=QUEUE_LATER if countdown else QUEUE_SEND, producer=producer)
+                                  queue=lane(countdown), producer=producer)
         finally:
             app.close()
 
